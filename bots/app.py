@@ -1,0 +1,85 @@
+"""Build the conversation core from the settings: embedded (one process) or on Redis with Celery workers."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pioneer_model.checkpoint import load_tokenizer
+
+from .core import ConversationCore
+from .memory import Memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    core: ConversationCore
+    memory: Memory
+    dispatcher: object
+    bus: object
+
+    async def close(self) -> None:
+        await self.dispatcher.close()
+        await self.memory.close()
+        close = getattr(self.bus, "close", None)
+        if close:
+            close()
+
+
+def approximate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+async def build_service(settings, orchestrator=None) -> Service:
+    """Embedded mode when REDIS_URL is unset: the model, queue, stream and cache live in this process."""
+    memory = Memory(settings.resolved_database_url)
+    await memory.start()
+    if settings.embedded:
+        from worker.dispatch import LocalDispatcher
+        from worker.orchestrator import attention_orchestrator, get_attention_info
+        from worker.runtime import build_orchestrator
+        from worker.streams import MemoryStreamBus
+
+        orchestrator = orchestrator or build_orchestrator(settings)
+        attention_orchestrator.set(orchestrator)
+        engine = orchestrator.engine
+        bus = MemoryStreamBus()
+        dispatcher = LocalDispatcher(orchestrator, bus, settings.worker_concurrency)
+        count_tokens, positions = engine.count_tokens, engine.model.config.sequence_length
+
+        async def info_source():
+            return get_attention_info()
+    else:
+        import redis.asyncio
+
+        from worker.dispatch import CeleryDispatcher
+        from worker.registry import online
+        from worker.streams import RedisStreamBus
+
+        bus = RedisStreamBus(settings.redis_url)
+        dispatcher = CeleryDispatcher(settings.redis_url, settings.task_expires_s)
+        count_tokens, positions = front_end_tokenizer(settings)
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+
+        async def info_source():
+            workers = await online(client)
+            return workers[0] if workers else {}
+
+    budget = settings.history_token_budget or max(64, positions - settings.max_new_tokens)
+    core = ConversationCore(settings, memory, dispatcher, bus, count_tokens, history_budget=budget,
+                            info_source=info_source)
+    return Service(core, memory, dispatcher, bus)
+
+
+def front_end_tokenizer(settings):
+    """The model's own tokenizer to count history tokens; an estimate when the model directory isn't here."""
+    path = Path(settings.model_path) if settings.model_path else settings.default_model_dir
+    tokenizer = load_tokenizer(path) if path.exists() else None
+    if tokenizer is None:
+        log.warning("no tokenizer.json in %s: history is trimmed with an estimate of 4 characters a token", path)
+        return approximate_tokens, settings.sequence_length
+    import json
+
+    positions = json.loads((path / "config.json").read_text()).get("sequence_length", settings.sequence_length)
+    return tokenizer.count_tokens, positions

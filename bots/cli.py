@@ -1,0 +1,126 @@
+"""The `pioneer` command: chat, worker, discord, slack, migrate, train, calibrate, attention."""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .logs import setup_logging
+
+
+def _settings():
+    from .settings import get_settings
+
+    return get_settings()
+
+
+def cmd_chat(args) -> None:
+    from .app import build_service
+    from .console import Console
+
+    settings = _settings()
+
+    async def main():
+        service = await build_service(settings)
+        try:
+            await Console(service.core, user_id=args.user).run()
+        finally:
+            await service.close()
+
+    asyncio.run(main())
+
+
+def cmd_worker(args) -> None:
+    settings = _settings()
+    if not settings.redis_url:
+        sys.exit("pioneer worker needs REDIS_URL (without it, `pioneer chat` runs its own worker in-process).")
+    from worker.celery_app import QUEUE, app
+
+    argv = ["worker", f"--pool={args.pool}", f"--concurrency={args.concurrency or settings.worker_concurrency}",
+            "-Q", QUEUE, f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
+    if args.name:
+        argv += ["-n", args.name]
+    app.worker_main(argv)
+
+
+def cmd_migrate(args) -> None:
+    from .memory import run_migrations
+
+    settings = _settings()
+    run_migrations(settings.resolved_database_url)
+    print("database is up to date")
+
+
+def cmd_train(args) -> None:
+    from pioneer_model.train import main as train_main
+
+    train_main(args.rest)
+
+
+def cmd_calibrate(args) -> None:
+    from worker.calibrate import main as calibrate_main
+
+    calibrate_main(args.rest)
+
+
+def cmd_attention(args) -> None:
+    from pathlib import Path
+
+    from pioneer_model.checkpoint import load_pretrained
+    from pioneer_model.visualize import plot_attention
+    from worker.runtime import resolve_model_path
+
+    settings = _settings()
+    path = Path(args.model) if args.model else resolve_model_path(settings)
+    model, tokenizer = load_pretrained(path)
+    plot_attention(model, tokenizer, args.text, args.out, layer=args.layer)
+    print(f"wrote {args.out}")
+
+
+def cmd_discord(args) -> None:
+    from .discord_bot import main as discord_main
+
+    discord_main(_settings())
+
+
+def cmd_slack(args) -> None:
+    from .slack_bot import main as slack_main
+
+    slack_main(_settings())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="pioneer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat in the terminal (embedded mode without REDIS_URL)")
+    chat.add_argument("--user", help="your user id in memory (default: your login name)")
+    chat.set_defaults(func=cmd_chat)
+    worker = sub.add_parser("worker", help="run a Celery worker hosting the model (needs REDIS_URL)")
+    worker.add_argument("--pool", default="threads", choices=["threads", "solo"])
+    worker.add_argument("--concurrency", type=int)
+    worker.add_argument("--name", help="worker node name, e.g. gpu1@%%h")
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("migrate", help="apply the database migrations").set_defaults(func=cmd_migrate)
+    for name, func, text in (("train", cmd_train, "train or fine-tune a model (see pioneer train -h)"),
+                             ("calibrate", cmd_calibrate, "calibrate the hybrid router's confidence")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+    attention = sub.add_parser("attention", help="draw each head's attention weights as heatmaps")
+    attention.add_argument("text")
+    attention.add_argument("--out", default="attention.png")
+    attention.add_argument("--layer", type=int, default=-1)
+    attention.add_argument("--model", help="checkpoint directory (default: MODEL_PATH or the default model)")
+    attention.set_defaults(func=cmd_attention)
+    sub.add_parser("discord", help="run the Discord front-end").set_defaults(func=cmd_discord)
+    sub.add_parser("slack", help="run the Slack front-end").set_defaults(func=cmd_slack)
+
+    args = parser.parse_args(argv)
+    settings = _settings()
+    quiet = args.command == "chat" and "log_level" not in settings.model_fields_set
+    setup_logging("WARNING" if quiet else settings.log_level, settings.log_format)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The console front-end, `pioneer chat`: a terminal chat through the same core, queue and stream."""
+
+import asyncio
+import getpass
+import sys
+
+from .core import Incoming
+from .memory import Place
+
+HELP = "Commands: /info, /forget, /mode local|openai|hybrid, /help, /quit"
+
+
+class TerminalSink:
+    """Shows a reply growing in place: new text is appended; a rewrite starts a fresh line."""
+
+    def __init__(self, out, live: bool):
+        self.out, self.live = out, live
+        self.shown: dict[int, str] = {}
+        self.final: list[str] = []
+
+    async def post(self, text: str) -> int:
+        ref = len(self.shown)
+        self.shown[ref] = ""
+        await self.edit(ref, text)
+        return ref
+
+    async def edit(self, ref: int, text: str) -> None:
+        if not self.live:
+            self.shown[ref] = text
+            return
+        shown = self.shown[ref]
+        if text.startswith(shown):
+            self.out.write(text[len(shown):])
+        else:
+            self.out.write("\n" + text)
+        self.out.flush()
+        self.shown[ref] = text
+
+
+class Console:
+    def __init__(self, core, *, user_id: str | None = None, out=sys.stdout):
+        self.core, self.out = core, out
+        self.user_id = user_id or getpass.getuser()
+        self.place = Place("console", "", "terminal", "")
+
+    async def handle(self, line: str, live: bool) -> str | None:
+        """Answer one line; returns the reply text (None to quit)."""
+        command, _, argument = line.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            return None
+        if command == "/help":
+            return HELP
+        if command == "/info":
+            return await self.core.info(self.user_id, is_admin=True)
+        if command == "/forget":
+            return await self.core.forget("console", self.user_id)
+        if command == "/mode":
+            return await self.core.set_mode(self.user_id, argument or "?", is_admin=True)
+        sink = TerminalSink(self.out, live)
+        if live:
+            self.out.write("pioneer> ")
+        outcome = await self.core.answer(Incoming(self.place, self.user_id, line), sink, limit=1_000_000,
+                                         min_interval_s=0.03)
+        if live:
+            final = outcome.text
+            if not sink.shown or list(sink.shown.values())[-1] != final:
+                self.out.write("\n" + final)
+            self.out.write("\n")
+            self.out.flush()
+        return outcome.text
+
+    async def run(self, stdin=sys.stdin) -> None:
+        live = stdin.isatty()
+        if live:
+            self.out.write(f"Pioneer, in {self.core.mode} mode. {HELP}\n")
+        loop = asyncio.get_running_loop()
+        while True:
+            if live:
+                self.out.write("you> ")
+                self.out.flush()
+            line = await loop.run_in_executor(None, stdin.readline)
+            if not line:
+                break
+            if not line.strip() and not live:
+                continue
+            reply = await self.handle(line.rstrip("\n"), live)
+            if reply is None:
+                break
+            if not live or line.startswith("/"):
+                self.out.write(reply + "\n")
+                self.out.flush()

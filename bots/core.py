@@ -1,0 +1,224 @@
+"""The conversation core every front-end uses: validate, remember, trim, enqueue, relay the stream, store."""
+
+import asyncio
+import logging
+import re
+import time
+import unicodedata
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from worker.orchestrator import MODES
+from worker.streams import ReplyAssembler, StreamTimeout
+
+from .edits import ReplyStreamer
+from .memory import Memory, Place
+from .trimming import trim_history
+
+log = logging.getLogger(__name__)
+
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+TIMEOUT_MESSAGE = "Sorry, I couldn't finish that reply in time. Please try again."
+BUSY_MESSAGE = "Sorry, I'm having trouble reaching my workers right now. Please try again in a moment."
+
+
+@dataclass
+class Incoming:
+    """One chat message from any platform."""
+
+    place: Place
+    user_id: str
+    text: str
+    display_name: str | None = None
+    is_admin: bool = False
+
+
+@dataclass
+class Outcome:
+    request_id: str | None
+    status: str  # "answered" | "refused" | "failed"
+    text: str
+    method: str | None = None
+    confidence: float | None = None
+    first_text_ms: float | None = None
+
+
+class InputRejected(ValueError):
+    """The user's input can't be answered; the message says why, politely."""
+
+
+def clean_input(text: str, max_chars: int) -> str:
+    """Normalise a user's message; raise InputRejected with a polite reason when it can't be answered."""
+    if not isinstance(text, str):
+        raise InputRejected("I can only read text messages.")
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become U+FFFD
+    text = CONTROL.sub("", unicodedata.normalize("NFC", text)).strip()
+    text = limit_combining_marks(text)
+    if not text:
+        raise InputRejected("I didn't get any text there. Send me a message and I'll answer.")
+    if len(text) > max_chars:
+        raise InputRejected(f"That message is too long ({len(text):,} characters; the limit is {max_chars:,}). "
+                            "Please shorten it or split it up.")
+    return text
+
+
+def limit_combining_marks(text: str, keep: int = 3) -> str:
+    """Drop combining marks beyond `keep` in a row ("Zalgo" floods)."""
+    out, run = [], 0
+    for char in text:
+        run = run + 1 if unicodedata.combining(char) else 0
+        if run <= keep:
+            out.append(char)
+    return "".join(out)
+
+
+class RateLimiter:
+    """Per-user sliding window of RATE_LIMIT_PER_MINUTE messages."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic):
+        self.per_minute, self.clock = per_minute, clock
+        self._seen: dict[str, deque] = defaultdict(deque)
+
+    def allow(self, key: str) -> float:
+        """0 when allowed (and counted); otherwise seconds until the next message is allowed."""
+        now, seen = self.clock(), self._seen[key]
+        while seen and now - seen[0] >= 60:
+            seen.popleft()
+        if len(seen) >= self.per_minute:
+            return 60 - (now - seen[0])
+        seen.append(now)
+        return 0.0
+
+
+class ConversationCore:
+    """Owns memory, trimming, enqueueing, relaying and the edit schedule; front-ends only do platform I/O."""
+
+    def __init__(self, settings, memory: Memory, dispatcher, bus, count_tokens, *, history_budget: int,
+                 info_source=None):
+        self.settings = settings
+        self.memory, self.dispatcher, self.bus = memory, dispatcher, bus
+        self.count_tokens = count_tokens
+        self.history_budget = history_budget
+        self.mode = settings.attention_mode
+        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.info_source = info_source
+        self.answered: dict[str, int] = defaultdict(int)
+        self.latencies_ms: deque = deque(maxlen=1000)
+
+    def is_admin(self, platform_user_id: str) -> bool:
+        return str(platform_user_id) in self.settings.admin_user_ids
+
+    async def answer(self, incoming: Incoming, sink, limit: int, *, budget=None, scope=None,
+                     min_interval_s: float = 1.0) -> Outcome:
+        """Answer one message into `sink` (a bots.edits.MessageSink), streaming by edits."""
+        try:
+            text = clean_input(incoming.text, self.settings.max_input_chars)
+        except InputRejected as reason:
+            await sink.post(str(reason))
+            return Outcome(None, "refused", str(reason))
+        wait = self.limiter.allow(f"{incoming.place.platform}:{incoming.user_id}")
+        if wait:
+            message = f"You're sending messages faster than I can answer. Please wait {int(wait) + 1} s."
+            await sink.post(message)
+            return Outcome(None, "refused", message)
+
+        place, user = incoming.place, incoming.user_id
+        history = await self.memory.history(place, user)
+        conversation = await self.memory.settings(place, user)
+        await self.memory.add_user_message(place, user, text, self.count_tokens(text), incoming.display_name)
+        messages = trim_history(conversation.system_prompt or self.settings.system_prompt,
+                                [(m.role, m.content) for m in history], text, self.history_budget,
+                                self.count_tokens)
+        request_id = uuid.uuid4().hex
+        await self.memory.begin_reply(place, user, request_id)
+        payload = {"request_id": request_id, "mode": conversation.mode or self.mode,
+                   "messages": [{"role": r, "content": c} for r, c in messages], "enqueued_at": time.time()}
+        streamer = ReplyStreamer(sink, limit, min_interval_s=min_interval_s, budget=budget, scope=scope)
+        started = time.perf_counter()
+        try:
+            await self.dispatcher.submit(payload)
+        except Exception:
+            log.exception("could not enqueue request %s", request_id)
+            await streamer.fail(BUSY_MESSAGE)
+            await self.memory.fail_reply(request_id, "failed", BUSY_MESSAGE)
+            return Outcome(request_id, "failed", BUSY_MESSAGE)
+        return await self._relay(request_id, streamer, started)
+
+    async def _relay(self, request_id: str, streamer: ReplyStreamer, started: float) -> Outcome:
+        assembler, first_text_ms = ReplyAssembler(), None
+        try:
+            async for event in self.bus.read(request_id, timeout_s=self.settings.reply_timeout_s):
+                if not assembler.add(event):
+                    continue
+                if event.kind == "chunk" and assembler.text.strip():
+                    if first_text_ms is None:
+                        first_text_ms = (time.perf_counter() - started) * 1000
+                    await streamer.update(assembler.text)
+        except StreamTimeout:
+            await streamer.fail(TIMEOUT_MESSAGE)
+            await self.memory.fail_reply(request_id, "failed", TIMEOUT_MESSAGE)
+            return Outcome(request_id, "failed", TIMEOUT_MESSAGE)
+
+        if assembler.error is not None:
+            message = assembler.error
+            await streamer.fail(message)
+            await self.memory.fail_reply(request_id, "failed", message)
+            return Outcome(request_id, "failed", message)
+
+        reply, meta = assembler.text.strip(), assembler.meta or {}
+        if not reply:
+            reply = "…I don't have an answer to that. Could you rephrase?"
+        await streamer.finish(reply)
+        latency_ms = (time.perf_counter() - started) * 1000
+        await self.memory.finish_reply(request_id, reply, self.count_tokens(reply), meta.get("method"),
+                                       meta.get("confidence"), int(latency_ms))
+        self.answered[meta.get("method") or "unknown"] += 1
+        self.latencies_ms.append(latency_ms)
+        return Outcome(request_id, "answered", reply, meta.get("method"), meta.get("confidence"), first_text_ms)
+
+    async def forget(self, platform: str, user_id: str) -> str:
+        rows = await self.memory.forget(platform, str(user_id))
+        return "Done: I've forgotten our conversations." if rows else "I had nothing stored about you."
+
+    async def set_mode(self, user_id: str, mode: str, is_admin: bool = False) -> str:
+        if not (is_admin or self.is_admin(user_id)):
+            return "Sorry, only admins can change the mode."
+        mode = mode.strip().lower()
+        if mode not in MODES:
+            return f"Unknown mode {mode!r}. Use one of: {', '.join(MODES)}."
+        self.mode = mode
+        return f"Mode set to {mode}."
+
+    async def info(self, user_id: str, is_admin: bool = False) -> str:
+        if not (is_admin or self.is_admin(user_id)):
+            return "Sorry, /info is for admins only."
+        data = await self.info_dict()
+        lines = [f"{key}: {value}" for key, value in data.items()]
+        return "\n".join(lines)
+
+    async def info_dict(self) -> dict:
+        worker = await self.info_source() if self.info_source else {}
+        latencies = sorted(self.latencies_ms)
+        cache = worker.get("cache", {})
+        openai = worker.get("openai", {})
+        return {
+            "mode": self.mode,
+            "model": worker.get("model_name", "unknown"),
+            "parameters": f"{worker.get('model_parameters', 0):,}",
+            "device": worker.get("device", "unknown"),
+            "cache": f"{'on' if worker.get('cache_enabled') else 'off'}, hit rate {cache.get('hit_rate', 0):.0%}",
+            "queue depth": await self._safe(self.dispatcher.queue_depth),
+            "workers online": await self._safe(self.dispatcher.workers_online),
+            "openai": "configured" if openai.get("configured") else "not configured",
+            "openai model": openai.get("model", "-"),
+            "answered": ", ".join(f"{k} {v}" for k, v in sorted(self.answered.items())) or "none yet",
+            "median latency": f"{latencies[len(latencies) // 2]:.0f} ms" if latencies else "-",
+        }
+
+    @staticmethod
+    async def _safe(call):
+        try:
+            return await asyncio.wait_for(call(), 2.0)
+        except Exception:
+            return "unknown"

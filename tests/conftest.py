@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny model checkpoint, the real Redis and a fresh PostgreSQL database."""
+
+import os
+import uuid
+
+import psycopg
+import pytest
+import redis
+import torch
+
+REDIS_URL = os.environ.get("PIONEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_SERVER = os.environ.get("PIONEER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny decoder-only model with a tokenizer trained on part of the ChatterBot corpus."""
+    from pioneer_model import PRESETS, AttentionModel, ModelConfig
+    from pioneer_model.data import load_chatterbot_pairs
+    from pioneer_model.tokenizer import Tokenizer
+
+    pairs = load_chatterbot_pairs()[:600]
+    tokenizer = Tokenizer.train((t for p in pairs for t in (p.prompt, p.reply)), vocab_size=400)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, **PRESETS["tiny"])
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    AttentionModel(config).save_pretrained(path, tokenizer=tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The real Redis; CI starts it. A missing Redis fails the test, it is never skipped."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A database of our own on the real PostgreSQL, dropped at the end of the session."""
+    name = f"pioneer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,233 @@
+"""The service core end to end: embedded mode in one process, and real `pioneer worker` processes on Redis."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from bots.app import build_service
+from bots.core import Incoming
+from bots.memory import Place
+from bots.settings import Settings
+from tests.fakes.openai_server import FakeOpenAI, Scenario
+
+REPO = Path(__file__).resolve().parents[2]
+PLACE = Place("console", "", "terminal", "")
+
+
+class RecordingSink:
+    """A MessageSink that keeps every post and edit."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+        self.calls: list[tuple[str, int, str]] = []
+
+    async def post(self, text):
+        self.messages.append(text)
+        self.calls.append(("post", len(self.messages) - 1, text))
+        return len(self.messages) - 1
+
+    async def edit(self, ref, text):
+        self.messages[ref] = text
+        self.calls.append(("edit", ref, text))
+
+
+def make_settings(tmp_path, model_dir, **overrides) -> Settings:
+    values = dict(model_path=str(model_dir), database_url=f"sqlite+aiosqlite:///{tmp_path}/pioneer.db",
+                  redis_url=None, pioneer_data_dir=tmp_path, openai_api_key=None, openai_base_url=None,
+                  max_new_tokens=24, attention_mode="local", rate_limit_per_minute=1000)
+    return Settings(**(values | overrides))
+
+
+async def ask(service, text, user="u1", place=PLACE):
+    sink = RecordingSink()
+    outcome = await service.core.answer(Incoming(place, user, text), sink, limit=2000, min_interval_s=0.01)
+    return outcome, sink
+
+
+async def test_embedded_local_reply_streams_and_is_stored(tmp_path, tiny_model_dir):
+    service = await build_service(make_settings(tmp_path, tiny_model_dir))
+    try:
+        outcome, sink = await ask(service, "hello there")
+        assert outcome.status == "answered" and outcome.method == "local"
+        assert 0.0 <= outcome.confidence <= 1.0
+        assert sink.messages[-1] == outcome.text and outcome.text
+        history = await service.memory.history(PLACE, "u1")
+        assert [(m.role, m.method) for m in history] == [("user", None), ("assistant", "local")]
+        assert history[1].content == outcome.text
+        again, _ = await ask(service, "hello there", user="u2")
+        assert again.text == outcome.text  # greedy and cached: the same prompt gives the same reply
+        info = await service.core.info_dict()
+        assert info["mode"] == "local" and "hit rate" in info["cache"]
+    finally:
+        await service.close()
+
+
+async def test_hybrid_uses_openai_when_local_is_unsure_and_falls_back_when_it_fails(tmp_path, tiny_model_dir):
+    async with FakeOpenAI() as fake:
+        settings = make_settings(tmp_path, tiny_model_dir, attention_mode="hybrid", hybrid_mode_threshold=1.0,
+                                 openai_base_url=fake.base_url, openai_api_key="sk-test-secret-value")
+        service = await build_service(settings)
+        try:
+            fake.script(Scenario.reply("Hello from the API, friend.", chunks=4))
+            outcome, sink = await ask(service, "hello there")
+            assert (outcome.method, outcome.text) == ("openai", "Hello from the API, friend.")
+            fake.script(Scenario.server_error(500))
+            outcome, _ = await ask(service, "how are you?")
+            assert outcome.status == "answered" and outcome.method == "local"
+            history = await service.memory.history(PLACE, "u1")
+            assert [m.method for m in history if m.role == "assistant"] == ["openai", "local"]
+        finally:
+            await service.close()
+
+
+async def test_openai_mode_without_a_key_says_so_and_loses_nothing(tmp_path, tiny_model_dir):
+    service = await build_service(make_settings(tmp_path, tiny_model_dir, attention_mode="openai"))
+    try:
+        outcome, sink = await ask(service, "hello")
+        assert outcome.status == "failed" and "not configured" in outcome.text
+        assert sink.messages[-1] == outcome.text
+        history = await service.memory.history(PLACE, "u1")
+        assert [m.content for m in history] == ["hello"]  # the user's message is kept
+    finally:
+        await service.close()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "didn't get any text"),
+    ("   \n\t ", "didn't get any text"),
+    ("\x00\x01\x02", "didn't get any text"),
+    ("x" * 5000, "too long"),
+])
+async def test_bad_input_gets_a_clear_message_and_nothing_stored(tmp_path, tiny_model_dir, text, expected):
+    service = await build_service(make_settings(tmp_path, tiny_model_dir, max_input_chars=4000))
+    try:
+        outcome, sink = await ask(service, text)
+        assert outcome.status == "refused" and expected in sink.messages[-1]
+        assert await service.memory.history(PLACE, "u1") == []
+    finally:
+        await service.close()
+
+
+async def test_invalid_mode_and_admin_checks(tmp_path, tiny_model_dir):
+    service = await build_service(make_settings(tmp_path, tiny_model_dir, admin_user_ids=["boss"]))
+    try:
+        assert "only admins" in await service.core.set_mode("someone", "openai")
+        assert "Unknown mode" in await service.core.set_mode("boss", "turbo")
+        assert await service.core.set_mode("boss", "hybrid") == "Mode set to hybrid."
+        assert "admins only" in await service.core.info("someone")
+        assert "mode: hybrid" in await service.core.info("boss")
+    finally:
+        await service.close()
+
+
+async def test_memory_is_trimmed_and_kept_per_user(tmp_path, tiny_model_dir):
+    settings = make_settings(tmp_path, tiny_model_dir, history_token_budget=60)
+    service = await build_service(settings)
+    try:
+        seen = []
+        original_submit = service.dispatcher.submit
+
+        async def spy(payload):
+            seen.append(payload)
+            await original_submit(payload)
+
+        service.dispatcher.submit = spy
+        for i in range(6):
+            await ask(service, f"message number {i} from alice", user="alice")
+        await ask(service, "bob's secret is pineapple", user="bob")
+        last = seen[-2]["messages"]
+        assert last[0]["role"] == "system" and last[-1]["content"] == "message number 5 from alice"
+        assert sum(service.core.count_tokens(m["content"]) + 4 for m in last) <= 60
+        assert len(last) < 12  # older pairs were dropped
+        assert all("pineapple" not in m["content"] for p in seen[:-1] for m in p["messages"])
+        assert [m["role"] for m in seen[-1]["messages"]] == ["system", "user"]
+        assert "forgotten" in await service.core.forget("console", "alice")
+        assert await service.memory.history(PLACE, "alice") == []
+        assert len(await service.memory.history(PLACE, "bob")) == 2
+    finally:
+        await service.close()
+
+
+# ---- Real worker processes on Redis -------------------------------------------------------------------------
+
+def start_worker(env: dict, name: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bots.cli", "worker", "--concurrency", "2", "--name", name],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for_workers(redis_url: str, count: int, timeout: float = 60.0) -> None:
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(client.scan_iter(match="pioneer:workers:*"))) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{count} workers did not come up in {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    return out
+
+
+@pytest.fixture
+def worker_env(tmp_path, tiny_model_dir, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match="pioneer:workers:*"):
+        client.delete(key)
+    for key in client.scan_iter(match="pioneer:cache:*"):
+        client.delete(key)
+    client.delete("pioneer")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ATTENTION_", "DATABASE_"))}
+    env |= {"REDIS_URL": redis_url, "MODEL_PATH": str(tiny_model_dir), "PIONEER_DATA_DIR": str(tmp_path),
+            "MAX_NEW_TOKENS": "24", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+async def test_real_workers_answer_every_mode_and_share_the_cache(tmp_path, tiny_model_dir, redis_url, postgres_url,
+                                                                  worker_env):
+    workers = [start_worker(worker_env, f"w{i}@test") for i in range(2)]
+    try:
+        wait_for_workers(redis_url, 2)
+        async with FakeOpenAI() as fake:
+            settings = make_settings(tmp_path, tiny_model_dir, redis_url=redis_url, database_url=postgres_url)
+            service = await build_service(settings)
+            try:
+                local, sink = await ask(service, "good morning")
+                assert local.status == "answered" and local.method == "local"
+                assert len(sink.calls) >= 2  # posted, then edited as chunks arrived
+
+                # The same prompt again, answered by whichever worker: the Redis cache makes it a hit.
+                cache = redis.Redis.from_url(redis_url)
+                hits_before = int(cache.hget("pioneer:cache:default:stats", "hits") or 0)
+                for _ in range(3):
+                    again, _ = await ask(service, "good morning", user="u-cache")
+                    assert again.text == local.text
+                assert int(cache.hget("pioneer:cache:default:stats", "hits") or 0) >= hits_before + 3
+
+                service.core.mode = "openai"  # workers have no OpenAI settings: a clear message, nothing lost
+                failed, _ = await ask(service, "hello")
+                assert failed.status == "failed" and "not configured" in failed.text
+                info = await service.core.info_dict()
+                assert info["workers online"] == 2 and info["model"] == "tiny"
+                stored = await service.memory.history(PLACE, "u1")
+                assert [m.role for m in stored] == ["user", "assistant", "user"]
+            finally:
+                await service.close()
+    finally:
+        logs = [stop(w) for w in workers]
+    assert all("Traceback" not in log for log in logs), logs
