@@ -73,6 +73,11 @@ def load_tokenizer(directory):
 
 def gpt2_to_pioneer(raw: dict, state: dict[str, torch.Tensor]):
     """Map a Hugging Face GPT-2 config and state dict onto AttentionModel's layout."""
+    unsupported = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False, "tie_word_embeddings": False,
+                   "add_cross_attention": True}
+    for key, value in unsupported.items():
+        if raw.get(key, not value) == value:
+            raise CheckpointError(f"GPT-2 checkpoints with {key}={value} are not supported")
     config = ModelConfig(
         vocab_size=raw["vocab_size"],
         attention_heads=raw["n_head"],

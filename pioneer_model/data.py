@@ -133,7 +133,7 @@ def load_yaml_pairs(path, strict: bool = True) -> list[Pair]:
         for conversation in conversations.value:
             problem = conversation_problem(conversation)
             if problem and strict:
-                raise CorpusError(f"{where(conversation)}: {problem}")
+                raise CorpusError(f"{where(problem[0])}: {problem[1]}")
             if not problem:
                 pairs.extend(conversation_pairs([str(to_python(turn)) for turn in conversation.value]))
     elif isinstance(root, yaml.SequenceNode):
@@ -145,13 +145,15 @@ def load_yaml_pairs(path, strict: bool = True) -> list[Pair]:
     return pairs
 
 
-def conversation_problem(node) -> str | None:
+def conversation_problem(node) -> tuple[yaml.Node, str] | None:
+    """(offending node, what is wrong) for a conversation that is not a list of two or more texts."""
     if not isinstance(node, yaml.SequenceNode):
-        return "a conversation must be a list of messages"
+        return node, "a conversation must be a list of messages"
     if len(node.value) < 2:
-        return "a conversation needs at least two messages"
-    if not all(isinstance(turn, yaml.ScalarNode) for turn in node.value):
-        return "a message must be text, not a nested list or mapping"
+        return node, "a conversation needs at least two messages"
+    for turn in node.value:
+        if not isinstance(turn, yaml.ScalarNode):
+            return turn, "a message must be text, not a nested list or mapping"
     return None
 
 
@@ -278,6 +280,10 @@ class ChatDataset(torch.utils.data.Dataset):
             tgt = ([tok.bos_id] + tok.encode(pair.reply))[: self.max_length] + [tok.eos_id]
             return {"src_ids": src, "decoder_input_ids": tgt[:-1], "targets": tgt[1:]}
         ids, mask = self.tokenizer.encode_chat(messages, add_generation_prompt=False, return_mask=True)
+        reply_start = len(mask) - mask[::-1].index(True)  # the last run of True is this pair's reply + <eos>
+        while reply_start > 0 and mask[reply_start - 1]:
+            reply_start -= 1
+        mask = [False] * reply_start + mask[reply_start:]  # earlier assistant turns are context, not targets
         ids, mask = ids[-(self.max_length + 1):], mask[-(self.max_length + 1):]  # truncate from the left
         targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
         if all(t == IGNORE_INDEX for t in targets):

@@ -67,10 +67,17 @@ def stream_generate(model, input_ids, max_new_tokens=64, temperature=0.0, top_k=
         hidden = model.decode(token.view(1, 1), memory_kv=memory_kv, kv_caches=caches)
 
 
-@torch.inference_mode()
 def generate(model, input_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
              attention_mask=None, generator=None) -> torch.Tensor:
     """Batched generation. attention_mask (batch, seq), 1 = real token, supports left-padded prompts."""
+    with torch.inference_mode():
+        out = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                        attention_mask, generator)
+    return out.clone()  # a normal tensor, usable with autograd (inference tensors are not)
+
+
+def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask,
+              generator) -> torch.Tensor:
     c = model.config
     eos = c.eos_token_id if eos_token_id is None else eos_token_id
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device)
@@ -113,7 +120,7 @@ def generate(model, input_ids, max_new_tokens=64, temperature=0.0, top_k=None, t
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         step_positions, step_mask = None, None
-        if mask is not None:
+        if positions is not None:  # left-padded decoder-only prompts
             step_positions = positions[:, -1:] + 1
             positions = torch.cat([positions, step_positions], dim=1)
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)

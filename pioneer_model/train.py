@@ -208,6 +208,8 @@ def train(
         torch.manual_seed(seed + step)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if step == 0 and len(held_set):
+        evals.append({"step": 0, "held_out_loss": evaluate(model, held_set, batch_size, device)})
     bar = None
     if progress:
         from tqdm import tqdm

@@ -14,7 +14,10 @@ POSTGRES_SERVER = os.environ.get("PIONEER_TEST_POSTGRES", "postgresql://postgres
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A random tiny decoder-only model with a tokenizer trained on part of the ChatterBot corpus."""
+    """A random tiny decoder-only model with a tokenizer trained on part of the ChatterBot corpus.
+
+    Its special tokens' embeddings are zeroed, so greedy replies are visible text that runs to MAX_NEW_TOKENS.
+    """
     from pioneer_model import PRESETS, AttentionModel, ModelConfig
     from pioneer_model.data import load_chatterbot_pairs
     from pioneer_model.tokenizer import Tokenizer
@@ -25,7 +28,10 @@ def tiny_model_dir(tmp_path_factory):
     config = ModelConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, **PRESETS["tiny"])
     path = tmp_path_factory.mktemp("model") / "tiny"
-    AttentionModel(config).save_pretrained(path, tokenizer=tokenizer)
+    model = AttentionModel(config)
+    with torch.no_grad():
+        model.tok_emb.weight[sorted(tokenizer.special_ids)] = 0.0
+    model.save_pretrained(path, tokenizer=tokenizer)
     return path
 
 

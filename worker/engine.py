@@ -55,7 +55,7 @@ class LocalEngine:
         self.cache = cache
         self.max_new_tokens = max_new_tokens
         self.name = name or model.config.name
-        self.model_id = cache_key(self.name, model.num_parameters(), model.config.to_dict())[:16]
+        self.model_id = cache_key(self.name, model.config.to_dict(), model.tok_emb.weight.float())[:16]
         self.stats = EngineStats()
 
     @classmethod

@@ -49,8 +49,7 @@ ADMINISTRATOR = 1 << 3
 REQUEST_BODY = web.RequestKey("request_body", object)
 CHANNEL_TEXT, CHANNEL_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 11
 MESSAGE_FLAG_EPHEMERAL, MESSAGE_FLAG_LOADING = 1 << 6, 1 << 7
-CALLBACK_PONG, CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE = 1, 4, 5
-CALLBACK_DEFERRED_UPDATE, CALLBACK_UPDATE_MESSAGE = 6, 7
+CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE = 4, 5
 
 OPTION_TYPES = {bool: 5, int: 4, float: 10, str: 3}
 COMMAND_NAME = re.compile(r"^[-_\w]{1,32}$")
@@ -345,7 +344,8 @@ class FakeDiscord:
         record = {
             "id": self.snowflake(), "channel_id": channel_id, "guild_id": self.channels[channel_id].get("guild_id"),
             "author": author, "content": body.get("content") or "", "embeds": body.get("embeds") or [],
-            "attachments": body.get("_attachments", []), "allowed_mentions": body.get("allowed_mentions"),
+            "attachments": [self._attachment(channel_id, f) for f in body.get("_attachments", [])],
+            "allowed_mentions": body.get("allowed_mentions"),
             "message_reference": body.get("message_reference"), "flags": body.get("flags") or 0,
             "components": body.get("components") or [], "tts": bool(body.get("tts")), "nonce": body.get("nonce"),
             "created_at": time.time(), "edited_at": None, "edits": [], "reactions": [], "deleted": False,
@@ -356,6 +356,12 @@ class FakeDiscord:
         self.messages.setdefault(channel_id, []).append(record)
         self.channels[channel_id]["last_message_id"] = record["id"]
         return record
+
+    def _attachment(self, channel_id: str, upload: dict) -> dict:
+        attachment_id = self.snowflake()
+        url = f"http://127.0.0.1:{self.port}/attachments/{channel_id}/{attachment_id}/{upload['filename']}"
+        return {"id": attachment_id, "filename": upload["filename"], "size": upload["size"], "url": url,
+                "proxy_url": url}
 
     def _resolve_mentions(self, record: dict) -> None:
         """Who the message really pings, after allowed_mentions, as Discord computes it."""
@@ -852,7 +858,8 @@ class FakeDiscord:
             if chat_input and (not COMMAND_NAME.match(name) or name != name.lower()):
                 return _form_error(f"{index}.name", "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid")
             if chat_input and not 1 <= len(command.get("description", "")) <= 100:
-                return _form_error(f"{index}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
+                message = "Must be between 1 and 100 in length."
+                return _form_error(f"{index}.description", "BASE_TYPE_BAD_LENGTH", message)
             if len(command.get("options") or []) > 25:
                 return _form_error(f"{index}.options", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
             command_id = existing[name]["id"] if name in existing else self.snowflake()

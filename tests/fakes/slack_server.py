@@ -135,7 +135,9 @@ async def post_event(
     envelope = {
         "token": "legacy-verification-token", "team_id": team_id, "api_app_id": "A1", "event": event,
         "type": "event_callback", "event_id": "Ev" + secrets.token_hex(6).upper(), "event_time": int(time.time()),
-        "authorizations": [{"team_id": team_id, "user_id": bot_user_id, "is_bot": True, "is_enterprise_install": False}],
+        "authorizations": [
+            {"team_id": team_id, "user_id": bot_user_id, "is_bot": True, "is_enterprise_install": False}
+        ],
         "is_ext_shared_channel": False,
     }
     retry_headers = {"X-Slack-Retry-Num": str(retry_num), "X-Slack-Retry-Reason": "http_timeout"} if retry_num else None
@@ -260,7 +262,9 @@ class FakeSlack:
         """Store a message a person wrote (for history/replies); deliver the matching event with post_event."""
         return self._store(channel, text, user=user, thread_ts=thread_ts, blocks=None, bot_id=None)
 
-    def _store(self, channel: str, text: str, *, user: str, thread_ts: str | None, blocks: Any, bot_id: str | None) -> dict:
+    def _store(
+        self, channel: str, text: str, *, user: str, thread_ts: str | None, blocks: Any, bot_id: str | None
+    ) -> dict:
         record = {
             "ts": self.next_ts(), "channel": channel, "text": text, "thread_ts": thread_ts, "blocks": blocks,
             "user": user, "bot_id": bot_id, "edits": [], "deleted": False, "time": time.monotonic(),

@@ -170,8 +170,14 @@ async def test_two_processes_sharing_a_token_collide_on_the_edit_limit(fake_disc
     # A worker process with its own HTTP client cannot see the bot's rate-limit buckets.
     async with discord_client(fake_discord) as client:
         message = await client.get_channel(int(fake_discord.channel_id)).send("0")
-        for n in range(3):
-            await message.edit(content=f"bot {n}")
+
+        async def bot_edits():
+            for n in range(3):
+                await message.edit(content=f"bot {n}")
+
+        # discord.py holds the caller of the edit that exhausts the bucket until it resets, so run it aside.
+        bot_task = asyncio.create_task(bot_edits())
+        await fake_discord.wait_for(lambda: len(fake_discord.message(message.id)["edits"]) == 3)
         worker = discord.http.HTTPClient(asyncio.get_running_loop())
         try:
             with fake_discord.patched_discord_py():
@@ -183,6 +189,7 @@ async def test_two_processes_sharing_a_token_collide_on_the_edit_limit(fake_disc
                 await worker.request(route, json={"content": "worker"})
         finally:
             await worker.close()
+        await bot_task
     assert fake_discord.rate_limited_count == 1
     assert fake_discord.message(message.id)["content"] == "worker"
 
@@ -339,7 +346,8 @@ async def test_bolt_app_acks_a_signed_slash_command_and_rejects_a_forged_one(fak
 
 
 async def test_bolt_app_handles_a_signed_event(fake_slack):
-    app = AsyncApp(signing_secret=SIGNING_SECRET, client=AsyncWebClient(token=fake_slack.token, base_url=fake_slack.api_url))
+    client = AsyncWebClient(token=fake_slack.token, base_url=fake_slack.api_url)
+    app = AsyncApp(signing_secret=SIGNING_SECRET, client=client)
 
     @app.event("app_mention")
     async def mention(event, say):

@@ -78,7 +78,7 @@ async def test_hybrid_uses_openai_when_local_is_unsure_and_falls_back_when_it_fa
             fake.script(Scenario.reply("Hello from the API, friend.", chunks=4))
             outcome, sink = await ask(service, "hello there")
             assert (outcome.method, outcome.text) == ("openai", "Hello from the API, friend.")
-            fake.script(Scenario.server_error(500))
+            fake.script(Scenario.server_error(500), Scenario.server_error(503))  # first try and its retry
             outcome, _ = await ask(service, "how are you?")
             assert outcome.status == "answered" and outcome.method == "local"
             history = await service.memory.history(PLACE, "u1")

@@ -1,0 +1,101 @@
+"""A tiny training run: held-out loss goes down, checkpoints load, and resuming continues from the saved step."""
+
+import math
+
+import pytest
+import torch
+
+from pioneer_model.data import Pair, load_chatterbot_pairs
+from pioneer_model.model import AttentionModel, ModelConfig
+from pioneer_model.tokenizer import Tokenizer
+import pioneer_model.train as train_module
+from pioneer_model.train import STATE_FILE, epoch_batches, learning_rate_at, train
+
+TINY = dict(attention_heads=2, embedding_dim=64, sequence_length=64, dropout_rate=0.0, num_encoder_layers=0,
+            num_decoder_layers=2, ffn_dim=128, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    # Conversational files only, so held-out replies resemble training replies.
+    pairs = [p for p in load_chatterbot_pairs() if len(p.prompt) + len(p.reply) < 120]
+    return pairs[::3][:400]
+
+
+@pytest.fixture(scope="module")
+def tok(pairs):
+    return Tokenizer.train((t for p in pairs for t in (p.prompt, p.reply)), vocab_size=512)
+
+
+def tiny_config(tok, **overrides):
+    return ModelConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                       eos_token_id=tok.eos_id, **{**TINY, **overrides})
+
+
+def test_held_out_loss_goes_down_and_checkpoint_loads(pairs, tok, tmp_path):
+    result = train(tiny_config(tok), pairs, tok, tmp_path, steps=60, batch_size=16, progress=False,
+                   eval_every=30, num_threads=1)
+    losses = [e["held_out_loss"] for e in result.evals]
+    assert result.steps == 60 and [e["step"] for e in result.evals] == [0, 30, 60]
+    assert losses[-1] < losses[0] - 0.3
+    assert losses[-1] < math.log(tok.vocab_size)  # better than guessing uniformly
+    assert result.held_out_perplexity == pytest.approx(math.exp(result.held_out_loss))
+    assert result.tokens_per_s > 0
+
+    model = AttentionModel.from_pretrained(tmp_path)
+    loaded_tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert loaded_tok.encode("Hello") == tok.encode("Hello")
+    prompt = torch.tensor([tok.encode_chat([("user", "Hello")])])
+    out = model.generate(prompt, max_new_tokens=5, eos_token_id=tok.eos_id)
+    assert out.shape[1] <= prompt.shape[1] + 5
+
+
+def test_resume_continues_from_saved_step(pairs, tok, tmp_path, monkeypatch):
+    config = tiny_config(tok)
+    settings = dict(steps=20, batch_size=16, progress=False, eval_every=100, save_every=10, num_threads=1)
+    fresh = train(config, pairs, tok, tmp_path / "fresh", **settings)
+
+    real_clip, calls = train_module.torch.nn.utils.clip_grad_norm_, []
+
+    def crash_on_step_11(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch.nn.utils, "clip_grad_norm_", crash_on_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, pairs, tok, tmp_path / "run", **settings)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    assert state["step"] == 10 and state["total_steps"] == 20 and state["optimizer"]["state"]
+
+    resumed = train(config, pairs, tok, tmp_path / "run", **settings)
+    assert resumed.steps == 20
+    assert [e["step"] for e in resumed.evals] == [0, 20]
+    assert resumed.held_out_loss == pytest.approx(fresh.held_out_loss, abs=1e-3)  # same batches and schedule
+
+    again = train(config, pairs, tok, tmp_path / "run", **settings)
+    assert again.steps == 20 and again.held_out_loss == pytest.approx(resumed.held_out_loss)  # nothing left
+
+
+def test_fine_tune_from_checkpoint_keeps_its_tokenizer(pairs, tok, tmp_path):
+    base = tmp_path / "base"
+    train(tiny_config(tok), pairs, tok, base, steps=5, batch_size=16, progress=False, num_threads=1)
+    other_tok = Tokenizer.train(["completely different text"] * 5, vocab_size=300)
+    extra = [Pair("What is Pioneer?", "A chat bot.")] * 20
+    result = train(None, extra, other_tok, tmp_path / "tuned", steps=5, batch_size=8, from_dir=base,
+                   progress=False, held_out_fraction=0.0, num_threads=1)
+    assert result.steps == 5
+    assert Tokenizer.from_file(tmp_path / "tuned" / "tokenizer.json").vocab_size == tok.vocab_size
+
+
+def test_schedule_and_batches():
+    assert learning_rate_at(0.0, 1.0, 0.1) < 0.05
+    assert learning_rate_at(0.1, 1.0, 0.1) == pytest.approx(1.0)
+    assert learning_rate_at(1.0, 1.0, 0.1) == pytest.approx(0.1)
+    lengths = [5, 50, 6, 49, 7, 48, 8, 47]
+    batches = epoch_batches(lengths, 2, seed=0, epoch=0)
+    assert batches == epoch_batches(lengths, 2, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(abs(lengths[b[0]] - lengths[b[1]]) < 10 for b in batches)  # similar lengths share a batch
