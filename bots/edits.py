@@ -143,20 +143,24 @@ class ReplyStreamer:
                 await self._land(0, placeholder)
 
     async def update(self, full_text_so_far: str) -> None:
-        """Note the reply so far; returns at once and the background relay catches up."""
+        """Note the reply so far; returns at once and the background relay catches up. Leading
+        whitespace is dropped, as the platforms do."""
         self._check_open()
         if self._error:
             raise self._error
-        if full_text_so_far == self._text:
+        text = full_text_so_far.lstrip()
+        if not text or text == self._text:
             return
-        self._text = full_text_so_far
+        self._text = text
         self._wake.set()
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = asyncio.create_task(self._pump())
 
     async def finish(self, final_text: str, footer: str | None = None) -> None:
-        """Show the final text (and footer) without the typing marker, waiting out rate limits."""
+        """Show the final text (and footer) without the typing marker, waiting out rate limits.
+        final_text must extend the streamed text, give or take surrounding whitespace."""
         self._check_open()
+        final_text = final_text.lstrip()
         async with self._io:
             await self._stop_pump()
             if self._error:
@@ -197,6 +201,8 @@ class ReplyStreamer:
                 await self._wake.wait()
                 self._wake.clear()
                 async with self._io:
+                    if self._closed:
+                        return
                     retry_in = await self._relay()
                 if retry_in is not None:
                     await self._sleep(retry_in)
@@ -239,7 +245,7 @@ class ReplyStreamer:
             if (shown := self._decorate(live)) is not None:
                 return [*self._frozen, shown]
             cut = next_cut(text, self._frozen_upto, self._limit, growing=True)
-            if cut is None:
+            if cut is None or not text[cut:].strip():  # keep some text live, so that strip() is safe
                 return [*self._frozen, self._decorate(live, truncate=True)]
             self._frozen.append(render_part(text, self._frozen_upto, cut))
             self._frozen_upto = cut

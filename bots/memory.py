@@ -104,6 +104,8 @@ class Memory:
 
     async def start(self) -> None:
         """Connect, and bring the schema up to date unless auto_migrate is off."""
+        if self._engine is not None:
+            return
         self._engine = create_engine(self.url)
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         if not self.auto_migrate:
@@ -216,20 +218,22 @@ class Memory:
                 return inserted
             return await session.scalar(select(Message.id).where(Message.request_id == request_id))
 
-    async def set_reply_ref(self, request_id: str, platform_message_ref: dict[str, Any]) -> None:
-        """Record where the reply of request_id is shown, once the front-end has posted it."""
+    async def set_reply_ref(self, request_id: str, platform_message_ref: dict[str, Any]) -> bool:
+        """Record where the reply of request_id is shown; returns whether that reply exists."""
         async with self._session() as session, session.begin():
-            await session.execute(
+            result = await session.execute(
                 update(Message).where(Message.request_id == request_id)
                 .values(platform_message_ref=json.dumps(platform_message_ref))
                 .execution_options(synchronize_session=False))
+            return result.rowcount > 0
 
     async def finish_reply(self, request_id: str, content: str, token_count: int,
                            method: str | None, confidence: float | None,
                            latency_ms: int | None) -> int:
         """Complete the reply of request_id; a reply completes once, later calls change nothing.
 
-        Returns the message id; raises UnknownRequest if begin_reply never ran for request_id.
+        A pending, interrupted or failed reply can be completed (the final text arrived after
+        all). Returns the message id; raises UnknownRequest if begin_reply never ran for it.
         """
         async with self._session() as session, session.begin():
             completed = await session.execute(

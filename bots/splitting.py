@@ -253,7 +253,7 @@ class _FenceReader:
         fence = self.fence
         for line in lines:
             fence = _after_line(fence, line)
-        return _FenceReader(fence, partial)
+        return _FenceReader(fence, partial[: MAX_FENCE_LINE + 1])  # a longer line is never a fence
 
 
 def join_parts(parts: list[str]) -> str:

@@ -43,14 +43,15 @@ class ScaledDotProductAttention(nn.Module):
 
     def forward(self, q, k, v, mask=None, need_weights=False, causal=None):
         causal = self.causal if causal is None else causal
-        q_len, k_len = q.size(-2), k.size(-2)
         dropout_p = self.dropout if self.training else 0.0
-        if not need_weights:
-            if causal and mask is None and q_len == k_len:
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
+        q_len, k_len = q.size(-2), k.size(-2)
+        if not need_weights:  # torch's fused kernels; one query (a decoding step) sees every key
+            if mask is None and (not causal or q_len == 1 or q_len == k_len):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                      is_causal=causal and q_len > 1), None
             if causal and q_len > 1:
                 mask = merge_masks(mask, causal_mask(q_len, k_len, q.device))
-            if mask is not None and mask.dtype != torch.bool:
+            if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
                 mask = mask.to(q.dtype)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
 
@@ -65,28 +66,38 @@ class ScaledDotProductAttention(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for one attention layer: (batch, heads, max_len, head_dim)."""
+    """Preallocated keys and values for one attention layer: `kv` is (2, batch, heads, max_len, head_dim)."""
 
     def __init__(self, batch_size, num_heads, max_len, head_dim, dtype=torch.float32, device=None):
         super().__init__()
-        shape = (batch_size, num_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch_size, num_heads, max_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.length = 0
 
     @property
-    def max_len(self) -> int:
-        return self.k.size(2)
+    def k(self) -> torch.Tensor:
+        return self.kv[0]
 
-    def update(self, k_new: torch.Tensor, v_new: torch.Tensor):
-        """Append new keys/values; return all keys/values seen so far."""
-        start, end = self.length, self.length + k_new.size(2)
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.size(3)
+
+    def append(self, kv_new: torch.Tensor):
+        """Append (2, batch, heads, new, head_dim) keys and values; return all keys and values seen so far."""
+        start, end = self.length, self.length + kv_new.size(3)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > {self.max_len}")
-        self.k[:, :, start:end] = k_new
-        self.v[:, :, start:end] = v_new
+        self.kv[:, :, :, start:end] = kv_new
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.kv[:, :, :, :end].unbind(0)
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Append new keys/values (batch, heads, new, head_dim); return all keys/values seen so far."""
+        return self.append(torch.stack((k_new, v_new)))
 
     def set(self, k: torch.Tensor, v: torch.Tensor):
         """Fill the cache with a known prefix (prefix reuse); replaces what was there."""
@@ -140,20 +151,22 @@ class MultiHeadAttention(nn.Module):
         memory_kv: precomputed cross-attention keys/values (see project_kv).
         Returns (output, per-head weights (batch, heads, q_len, k_len) or None).
         """
-        d = self.embed_dim
+        b, t, d = query.shape
         if memory is None and memory_kv is None:
-            q, k, v = self.in_proj(query).split(d, dim=-1)
-            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
-            if kv_cache is not None:
-                k, v = kv_cache.update(k, v)
+            # (batch, t, 3 * dim) -> (3, batch, heads, t, head_dim): views only, no copies
+            qkv = self.in_proj(query).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            if kv_cache is None:
+                q, k, v = qkv.unbind(0)
+            else:
+                q, (k, v) = qkv[0], kv_cache.append(qkv[1:])
         else:
-            w, b = self.in_proj.weight[:d], None if self.in_proj.bias is None else self.in_proj.bias[:d]
-            q = self._split_heads(F.linear(query, w, b))
+            w, bias = self.in_proj.weight[:d], None if self.in_proj.bias is None else self.in_proj.bias[:d]
+            q = self._split_heads(F.linear(query, w, bias))
             k, v = memory_kv if memory_kv is not None else self.project_kv(memory)
 
         mask = attn_mask
         if key_padding_mask is not None:
             mask = merge_masks(mask, key_padding_mask[:, None, None, :].bool())
         out, weights = self.attention(q, k, v, mask=mask, need_weights=need_weights, causal=causal)
-        out = out.transpose(1, 2).reshape(query.size(0), query.size(1), d)
-        return self.resid_dropout(self.out_proj(out)), weights
+        out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+        return (self.resid_dropout(out) if self.training else out), weights

@@ -90,7 +90,8 @@ class FeedForward(nn.Module):
             h = F.relu(h)
         else:
             h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.dropout(self.fc2(h))
+        h = self.fc2(h)
+        return self.dropout(h) if self.training else h
 
 
 class EncoderLayer(nn.Module):

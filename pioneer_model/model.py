@@ -121,7 +121,8 @@ class AttentionModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, ids, positions=None, start=0):
-        return self.emb_dropout(self.pos(self.tok_emb(ids), positions, start))
+        x = self.pos(self.tok_emb(ids), positions, start)
+        return self.emb_dropout(x) if self.training else x
 
     def encode(self, src_ids, src_padding_mask=None, need_weights=False):
         """Encoder output for a source sequence; src_padding_mask True = real token."""

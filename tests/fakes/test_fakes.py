@@ -50,6 +50,16 @@ def _intents() -> discord.Intents:
     return intents
 
 
+def _collector(client: discord.Client, sink: list):
+    """An on_message handler that keeps messages from anyone but the bot."""
+
+    async def on_message(message: discord.Message):
+        if message.author != client.user:
+            sink.append(message)
+
+    return on_message
+
+
 @pytest.fixture
 async def fake_discord(restore_discord_globals):
     fake = FakeDiscord(edit_limit=(3, 1.0), create_limit=(3, 1.0))
@@ -82,12 +92,7 @@ async def test_discord_client_logs_in_and_sees_the_guild(fake_discord):
 async def test_discord_on_message_then_send_and_edit(fake_discord):
     received: list[discord.Message] = []
     client = discord.Client(intents=_intents(), guild_ready_timeout=0.05)
-
-    @client.event
-    async def on_message(message: discord.Message):
-        if message.author != client.user:
-            received.append(message)
-
+    client.event(_collector(client, received))
     async with discord_client(fake_discord, client):
         await fake_discord.send_message_create(fake_discord.channel_id, "hello bot")
         await fake_discord.wait_for(lambda: received)
@@ -115,14 +120,6 @@ async def test_discord_dm_message_reaches_on_message(fake_discord):
         assert received[0].guild is None and isinstance(received[0].channel, discord.DMChannel)
         await received[0].channel.send("hi in private")
     assert fake_discord.messages_in(dm_id)[-1]["content"] == "hi in private"
-
-
-def _collector(client: discord.Client, sink: list):
-    async def on_message(message: discord.Message):
-        if message.author != client.user:
-            sink.append(message)
-
-    return on_message
 
 
 async def test_discord_content_is_hidden_without_the_message_content_intent(fake_discord):

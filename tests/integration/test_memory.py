@@ -199,6 +199,10 @@ async def test_finish_reply_stores_a_reply_once(memory, database_url):
     stored = await scalar(database_url, "SELECT count(*) FROM messages WHERE request_id = 'req-1'")
     assert stored == 1
     assert await memory.fail_reply("req-1", "interrupted") is False, "complete stays complete"
+    await memory.begin_reply(GUILD_CHANNEL, "alice", "late")
+    await memory.fail_reply("late", "interrupted", "half")
+    await memory.finish_reply("late", "the whole reply", 3, "local", 0.7, 5000)
+    assert (await memory.history(GUILD_CHANNEL, "alice"))[-1].content == "the whole reply"
     with pytest.raises(UnknownRequest):
         await memory.finish_reply("never-begun", "x", 1, "local", 0.9, 1)
 
@@ -246,7 +250,8 @@ async def test_pending_replies_for_recovery(memory):
     await memory.begin_reply(GUILD_CHANNEL, "bob", "broken")
     await memory.fail_reply("broken", "failed")
     await memory.begin_reply(slack, "U1", "slack-stuck")
-    await memory.set_reply_ref("slack-stuck", {"channel": "C1", "ts": "1712345679.000200"})
+    assert await memory.set_reply_ref("slack-stuck", {"channel": "C1", "ts": "1712345679.000200"})
+    assert not await memory.set_reply_ref("no-such-request", {"ts": "1"})
 
     [pending] = await memory.pending_replies("discord")
     assert (pending.request_id, pending.place, pending.user_id) == ("stuck", GUILD_CHANNEL,

@@ -184,6 +184,15 @@ async def test_a_long_reply_continues_in_new_messages_that_join_back():
     assert_spacing_per_message(sink, 0.02)
 
 
+async def test_a_stripped_final_text_still_lines_up_with_finished_messages():
+    sink = FakeSink(limit=500)
+    streamer = ReplyStreamer(sink, limit=500, min_interval_s=0.01)
+    text = "\n  " + reply_text(1400) + "\n\n   \n"
+    await stream(streamer, text, chunks=40, pause=0.002)
+    await streamer.finish(text.strip())
+    assert join_parts(sink.contents()) == text.strip() and len(sink.messages) >= 3
+
+
 async def test_a_burst_larger_than_several_messages_is_split_at_once():
     sink = FakeSink(limit=500)
     streamer = ReplyStreamer(sink, limit=500, min_interval_s=0.02)
@@ -199,7 +208,7 @@ async def test_twenty_streamers_share_one_channel_budget():
     window, log = 0.25, []
     budget = RateBudget(5, window)
     sinks = [FakeSink(log=log) for _ in range(20)]
-    streamers = [ReplyStreamer(s, limit=2000, min_interval_s=0.05, budget=budget, scope="channel-1") for s in sinks]
+    streamers = [ReplyStreamer(s, 2000, min_interval_s=0.05, budget=budget, scope="channel-1") for s in sinks]
     texts = [reply_text(300 + 20 * i) for i in range(20)]
 
     async def run(streamer, text):

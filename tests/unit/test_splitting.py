@@ -16,8 +16,9 @@ PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_ch
 # ---- generated replies: prose, long words, code blocks with and without a language -------------
 
 word_chars = st.sampled_from(list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789.,!?:;()'\"-_*#/éüß中文字😀🚀"))
-vocabulary = "a the reply streams edits message Pioneer naïve café 東京 données 😀 🚀 x=1 f(x) **bold** _it_ `code` #tag".split()
-words = st.one_of(st.sampled_from(vocabulary), st.sampled_from(vocabulary), st.text(word_chars, min_size=1, max_size=12))
+vocabulary = "a the reply streams edits Pioneer naïve café 東京 données 😀 🚀 x=1 f(x) **bold** _it_ `code` #tag".split()
+common_words = st.sampled_from(vocabulary)
+words = st.one_of(common_words, common_words, st.text(word_chars, min_size=1, max_size=9))
 long_words = st.builds(lambda word, times: word * times, words, st.integers(5, 120))
 prose_lines = st.lists(st.one_of(words, words, words, long_words), min_size=1, max_size=14).flatmap(
     lambda ws: st.sampled_from([" ", "  ", "\t"]).map(lambda gap: gap.join(ws))
@@ -50,7 +51,8 @@ def replies(draw):
     blocks = draw(st.lists(st.one_of(paragraphs, paragraphs, code_blocks()), min_size=1, max_size=7))
     if draw(st.booleans()):
         blocks.append(draw(code_blocks(terminated=False)))
-    gaps = draw(st.lists(st.sampled_from(["\n\n", "\n", "\n\n\n", " \n\n"]), min_size=len(blocks), max_size=len(blocks)))
+    gap = st.sampled_from(["\n\n", "\n", "\n\n\n", " \n\n"])
+    gaps = draw(st.lists(gap, min_size=len(blocks), max_size=len(blocks)))
     text = "".join(block + gap for block, gap in zip(blocks, gaps))
     return text if draw(st.booleans()) else text.rstrip("\n")
 
@@ -96,7 +98,11 @@ def test_generated_replies_split_into_balanced_parts_that_join_back(text, limit)
 @PROPERTY_SETTINGS
 @given(
     st.lists(
-        st.one_of(st.sampled_from(list("ab `~\n\t é😀")), st.sampled_from(["```", "~~~", "```py\n", "\n```\n", "\n\n"]), st.text()),
+        st.one_of(
+            st.sampled_from(list("ab `~\n\t é😀")),
+            st.sampled_from(["```", "~~~", "```py\n", "\n```\n", "\n\n"]),
+            st.text(),
+        ),
         max_size=600,
     ).map("".join),
     limits,
@@ -110,7 +116,10 @@ def test_any_text_splits_within_limit_and_joins_back(text, limit):
 
 
 @PROPERTY_SETTINGS
-@given(st.lists(st.sampled_from(["`", "~", "\n", " ", "a", "```", "~~~~", "py", "````````"]), max_size=400).map("".join), st.integers(50, 120))
+@given(
+    st.lists(st.sampled_from(["`", "~", "\n", " ", "a", "```", "~~~~", "py", "`" * 8]), max_size=400).map("".join),
+    st.integers(50, 120),
+)
 def test_fence_heavy_text_at_small_limits(text, limit):
     parts = split_message(text, limit)
     check_parts(text, limit, parts)
@@ -137,7 +146,8 @@ def long_reply(seed: int = 7) -> str:
         body = "\n".join(f"    total += value_{i} * {i}  # step {i}" for i in range(lines))
         return f"```python\ndef compute():\n    total = 0\n{body}\n    return total\n```"
 
-    sections = [prose(700), python_block(12), prose(500), python_block(70), prose(600), python_block(25), prose(900)]
+    sections = [prose(700), python_block(12), prose(500), python_block(70), prose(600), python_block(25)]
+    sections.append(prose(900))
     text = "\n\n".join(sections)
     assert 5500 <= len(text) <= 7000 and text.count("```python") == 3
     return text
@@ -224,3 +234,22 @@ def test_streaming_cuts_are_stable_and_continue_with_start():
 def test_growing_text_never_cuts_inside_a_line_that_may_still_become_a_fence():
     text = "a" * 1990 + "\n``"
     assert next_cut(text, 0, 1993, growing=True) == 1991
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replies(), st.integers(50, 600), st.lists(st.integers(1, 400), min_size=1, max_size=40))
+def test_cuts_made_while_streaming_stay_valid_once_the_text_is_complete(text, limit, chunk_sizes):
+    parts, start, end = [], 0, 0
+    for size in chunk_sizes:  # freeze parts the way the streamer does, on each prefix as it arrives
+        end = min(len(text), end + size)
+        while len(render_part(text[:end], start, end)) > limit:
+            cut = next_cut(text[:end], start, limit, growing=True)
+            if cut is None:
+                break
+            parts.append(render_part(text[:end], start, cut))
+            start = cut
+    parts += split_message(text, limit, start=start)
+    check_parts(text, limit, parts)
+    original_is_balanced = len(fence_lines(text)) % 2 == 0
+    for index, part in enumerate(parts):
+        assert len(fence_lines(part)) % 2 == 0 or (index == len(parts) - 1 and not original_is_balanced)
