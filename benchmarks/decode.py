@@ -64,6 +64,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--native", action="store_true", help="also time Pioneer's own default layout "
                         "(sinusoidal positions, exact GELU) with the same sizes")
+    parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,8 +82,8 @@ def main():
     n = args.new_tokens
     no_eos = -1  # run every generation to its full length
 
-    def run_ours(model=ours):
-        return model.generate(prompt, max_new_tokens=n, eos_token_id=no_eos)
+    def run_ours(model=ours, compile=False):
+        return model.generate(prompt, max_new_tokens=n, eos_token_id=no_eos, compile=compile)
 
     def run_hf():
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
@@ -96,6 +97,11 @@ def main():
                                             num_encoder_layers=0, num_decoder_layers=args.layers,
                                             dropout_rate=0.0)).eval()
         contenders["native"] = lambda: run_ours(native)
+    if args.compile:
+        start = time.perf_counter()
+        compiled_tokens = run_ours(compile=True)
+        compile_s = time.perf_counter() - start
+        contenders["compiled"] = lambda: run_ours(compile=True)
     for fn in contenders.values():
         fn()
     samples = {name: [] for name in contenders}
@@ -130,6 +136,11 @@ def main():
     }
     if args.native:
         result["native_layout_tokens_per_s"] = round(rate["native"], 1)
+    if args.compile:
+        result |= {"compiled_tokens_per_s": round(rate["compiled"], 1),
+                   "compiled_ratio_vs_hf": round(rate["compiled"] / rate["hf"], 2),
+                   "compiled_same_tokens_as_eager": torch.equal(compiled_tokens, run_ours()),
+                   "compile_and_first_run_s": round(compile_s, 1)}
     print(json.dumps(result, indent=2))
 
 

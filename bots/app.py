@@ -3,6 +3,7 @@
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from pioneer_model.checkpoint import load_tokenizer
 
@@ -12,14 +13,27 @@ from .memory import Memory
 log = logging.getLogger(__name__)
 
 
+async def _embedded_broker() -> bool:
+    return True
+
+
 @dataclass
 class Service:
     core: ConversationCore
     memory: Memory
     dispatcher: object
     bus: object
+    broker_ping: Callable[[], Awaitable[bool]] = _embedded_broker
+    ops: object = None  # the /metrics and /healthz server, when METRICS_PORT is set
+
+    async def drain(self, timeout_s: float = 20.0) -> bool:
+        """On shutdown: refuse new messages and wait for the replies in progress (and their edits) to finish.
+        False when some were still running after timeout_s."""
+        return await self.core.drain(timeout_s)
 
     async def close(self) -> None:
+        if self.ops is not None:
+            await self.ops.cleanup()
         await self.dispatcher.close()
         await self.memory.close()
         close = getattr(self.bus, "close", None)
@@ -69,7 +83,14 @@ async def build_service(settings, orchestrator=None) -> Service:
     budget = settings.history_token_budget or max(64, positions - settings.max_new_tokens)
     core = ConversationCore(settings, memory, dispatcher, bus, count_tokens, history_budget=budget,
                             info_source=info_source)
-    return Service(core, memory, dispatcher, bus)
+    service = Service(core, memory, dispatcher, bus)
+    if not settings.embedded:
+        service.broker_ping = client.ping
+    if settings.metrics_port:
+        from .ops import start_ops_server
+
+        service.ops = await start_ops_server(service, settings.metrics_host, settings.metrics_port)
+    return service
 
 
 def front_end_tokenizer(settings):

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 from .logs import setup_logging
@@ -22,9 +23,12 @@ def cmd_chat(args) -> None:
 
     async def main():
         service = await build_service(settings)
+        console = Console(service.core, user_id=args.user)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, console.stop)
         try:
-            await Console(service.core, user_id=args.user).run()
+            await console.run()
         finally:
+            await service.drain(settings.drain_timeout_s)
             await service.close()
 
     asyncio.run(main())
@@ -36,8 +40,9 @@ def cmd_worker(args) -> None:
         sys.exit("pioneer worker needs REDIS_URL (without it, `pioneer chat` runs its own worker in-process).")
     from worker.celery_app import QUEUE, app
 
-    argv = ["worker", f"--pool={args.pool}", f"--concurrency={args.concurrency or settings.worker_concurrency}",
-            "-Q", QUEUE, f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
+    concurrency = args.concurrency or settings.worker_concurrency
+    argv = ["--quiet", "worker", f"--pool={args.pool}", f"--concurrency={concurrency}", "-Q", QUEUE,
+            f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
     if args.name:
         argv += ["-n", args.name]
     app.worker_main(argv)
@@ -89,7 +94,7 @@ def cmd_slack(args) -> None:
     slack_main(_settings())
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pioneer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat in the terminal (embedded mode without REDIS_URL)")
@@ -114,8 +119,11 @@ def main(argv=None) -> None:
     attention.set_defaults(func=cmd_attention)
     sub.add_parser("discord", help="run the Discord front-end").set_defaults(func=cmd_discord)
     sub.add_parser("slack", help="run the Slack front-end").set_defaults(func=cmd_slack)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     settings = _settings()
     quiet = args.command == "chat" and "log_level" not in settings.model_fields_set
     setup_logging("WARNING" if quiet else settings.log_level, settings.log_format)

@@ -3,6 +3,7 @@
 import asyncio
 import getpass
 import sys
+import threading
 
 from .core import Incoming
 from .memory import Place
@@ -37,11 +38,47 @@ class TerminalSink:
         self.shown[ref] = text
 
 
+class LineReader:
+    """Lines of a file read in a daemon thread, so a blocked read never holds up the exit."""
+
+    def __init__(self, stream):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.stopped = False
+        threading.Thread(target=self._read, args=(stream,), name="console-stdin", daemon=True).start()
+
+    def _read(self, stream) -> None:
+        try:
+            for line in iter(stream.readline, ""):
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, line)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, "")  # the end, after every line read
+        except RuntimeError:  # the loop closed first: the console has already finished
+            pass
+
+    def stop(self) -> None:
+        """Lines not yet taken are dropped and next() says the input ended. Call it on the loop's thread."""
+        self.stopped = True
+        self.queue.put_nowait("")
+
+    async def next(self) -> str:
+        """The next line, or "" at the end."""
+        line = await self.queue.get()
+        return "" if self.stopped else line
+
+
 class Console:
     def __init__(self, core, *, user_id: str | None = None, out=sys.stdout):
         self.core, self.out = core, out
         self.user_id = user_id or getpass.getuser()
         self.place = Place("console", "", "terminal", "")
+        self._lines: LineReader | None = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Stop reading (on SIGTERM): the reply in progress is finished, then run() returns."""
+        self._stopped = True
+        if self._lines is not None:
+            self._lines.stop()
 
     async def handle(self, line: str, live: bool) -> str | None:
         """Answer one line; returns the reply text (None to quit)."""
@@ -73,12 +110,12 @@ class Console:
         live = stdin.isatty()
         if live:
             self.out.write(f"Pioneer, in {self.core.mode} mode. {HELP}\n")
-        loop = asyncio.get_running_loop()
-        while True:
+        lines = self._lines = LineReader(stdin)
+        while not self._stopped:
             if live:
                 self.out.write("you> ")
                 self.out.flush()
-            line = await loop.run_in_executor(None, stdin.readline)
+            line = await lines.next()
             if not line:
                 break
             if not line.strip() and not live:

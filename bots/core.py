@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from worker.orchestrator import MODES
 from worker.streams import ReplyAssembler, StreamTimeout
 
+from . import ops
 from .edits import ReplyStreamer
 from .memory import Memory, Place
 from .trimming import trim_history
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 TIMEOUT_MESSAGE = "Sorry, I couldn't finish that reply in time. Please try again."
 BUSY_MESSAGE = "Sorry, I'm having trouble reaching my workers right now. Please try again in a moment."
+RESTARTING_MESSAGE = "I'm restarting right now. Please send that again in a minute."
 
 
 @dataclass
@@ -105,6 +107,10 @@ class ConversationCore:
         self.info_source = info_source
         self.answered: dict[str, int] = defaultdict(int)
         self.latencies_ms: deque = deque(maxlen=1000)
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def is_admin(self, platform_user_id: str) -> bool:
         return str(platform_user_id) in self.settings.admin_user_ids
@@ -112,6 +118,33 @@ class ConversationCore:
     async def answer(self, incoming: Incoming, sink, limit: int, *, budget=None, scope=None,
                      min_interval_s: float = 1.0) -> Outcome:
         """Answer one message into `sink` (a bots.edits.MessageSink), streaming by edits."""
+        if self.draining:
+            await sink.post(RESTARTING_MESSAGE)
+            return Outcome(None, "refused", RESTARTING_MESSAGE)
+        self._in_flight += 1
+        self._idle.clear()
+        ops.IN_FLIGHT.inc()
+        try:
+            outcome = await self._answer(incoming, sink, limit, budget, scope, min_interval_s)
+        finally:
+            self._in_flight -= 1
+            ops.IN_FLIGHT.dec()
+            if not self._in_flight:
+                self._idle.set()
+        ops.MESSAGES.labels(outcome.status, outcome.method or "none").inc()
+        return outcome
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new messages and wait up to timeout_s for those in progress; False if some are still running."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            log.warning("shutting down with %d replies still in progress", self._in_flight)
+            return False
+
+    async def _answer(self, incoming: Incoming, sink, limit: int, budget, scope, min_interval_s: float) -> Outcome:
         try:
             text = clean_input(incoming.text, self.settings.max_input_chars)
         except InputRejected as reason:
@@ -140,6 +173,7 @@ class ConversationCore:
             await self.dispatcher.submit(payload)
         except Exception:
             log.exception("could not enqueue request %s", request_id)
+            ops.ERRORS.labels("enqueue").inc()
             await streamer.fail(BUSY_MESSAGE)
             await self.memory.fail_reply(request_id, "failed", BUSY_MESSAGE)
             return Outcome(request_id, "failed", BUSY_MESSAGE)
@@ -156,11 +190,13 @@ class ConversationCore:
                         first_text_ms = (time.perf_counter() - started) * 1000
                     await streamer.update(assembler.text)
         except StreamTimeout:
+            ops.ERRORS.labels("timeout").inc()
             await streamer.fail(TIMEOUT_MESSAGE)
             await self.memory.fail_reply(request_id, "failed", TIMEOUT_MESSAGE)
             return Outcome(request_id, "failed", TIMEOUT_MESSAGE)
 
         if assembler.error is not None:
+            ops.ERRORS.labels("worker").inc()
             message = assembler.error
             await streamer.fail(message)
             await self.memory.fail_reply(request_id, "failed", message)
@@ -175,6 +211,9 @@ class ConversationCore:
                                        meta.get("confidence"), int(latency_ms))
         self.answered[meta.get("method") or "unknown"] += 1
         self.latencies_ms.append(latency_ms)
+        ops.REPLY_SECONDS.labels(meta.get("method") or "unknown").observe(latency_ms / 1000)
+        if first_text_ms is not None:
+            ops.FIRST_TEXT_SECONDS.observe(first_text_ms / 1000)
         return Outcome(request_id, "answered", reply, meta.get("method"), meta.get("confidence"), first_text_ms)
 
     async def forget(self, platform: str, user_id: str) -> str:

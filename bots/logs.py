@@ -34,5 +34,6 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings become log lines too (JSON with LOG_FORMAT=json)
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "discord.gateway"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

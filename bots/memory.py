@@ -121,6 +121,12 @@ class Memory:
             await self._engine.dispose()
         self._engine = self._sessions = None
 
+    async def ping(self) -> bool:
+        """True when the database answers (for /healthz)."""
+        async with self._session() as session:
+            await session.execute(select(1))
+        return True
+
     async def __aenter__(self) -> Memory:
         await self.start()
         return self

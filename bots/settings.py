@@ -28,6 +28,7 @@ class Settings(WorkerSettings):
     slack_port: int = Field(3000, ge=1, le=65535)
     slack_api_url: str | None = None
     metrics_port: int = Field(0, ge=0, le=65535)  # 0: no /metrics and /healthz server
+    drain_timeout_s: float = Field(20.0, gt=0)  # on shutdown, how long to wait for replies in flight
 
     @field_validator("admin_user_ids", mode="before")
     @classmethod

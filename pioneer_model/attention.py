@@ -73,6 +73,7 @@ class KVCache(nn.Module):
         shape = (2, batch_size, num_heads, max_len, head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.length = 0
+        self.index: torch.Tensor | None = None  # fixed-shape mode (compiled decoding), see write_at
 
     @property
     def k(self) -> torch.Tensor:
@@ -86,8 +87,15 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.kv.size(3)
 
+    def write_at(self, index: torch.Tensor | None):
+        """Fixed-shape mode for torch.compile: append writes at the positions in `index` (updated in place by the
+        caller) and returns the whole buffer, so attention needs a mask of the valid positions. None ends it."""
+        self.index = index
+
     def append(self, kv_new: torch.Tensor):
         """Append (2, batch, heads, new, head_dim) keys and values; return all keys and values seen so far."""
+        if self.index is not None:
+            return self.kv.index_copy_(3, self.index, kv_new).unbind(0)
         start, end = self.length, self.length + kv_new.size(3)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > {self.max_len}")

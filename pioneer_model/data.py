@@ -197,7 +197,8 @@ SMALL_TALK: list[tuple[list[str], list[str]]] = [
 
 
 def small_talk_pairs() -> list[Pair]:
-    return [Pair(prompt, replies[i % len(replies)]) for prompts, replies in SMALL_TALK for i, prompt in enumerate(prompts)]
+    return [Pair(prompt, replies[i % len(replies)])
+            for prompts, replies in SMALL_TALK for i, prompt in enumerate(prompts)]
 
 
 def deduplicate(pairs: list[Pair]) -> list[Pair]:

@@ -168,21 +168,22 @@ class AttentionModel(nn.Module):
         return [layer.cross_attn.project_kv(memory) for layer in self.decoder.layers]
 
     def generate(self, input_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-                 attention_mask=None, generator=None):
+                 attention_mask=None, generator=None, compile=False):
         """Like Hugging Face's generate: (batch, prompt + new) ids for decoder-only models, (batch, 1 + new)
-        decoder ids (starting with BOS) for encoder-decoder models. Greedy at temperature 0."""
+        decoder ids (starting with BOS) for encoder-decoder models. Greedy at temperature 0.
+        compile=True decodes with a torch.compile'd step (compiles once per batch size and length bucket)."""
         from .generate import generate
 
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                        attention_mask, generator)
+                        attention_mask, generator, compile)
 
     def stream_generate(self, input_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
-                        eos_token_id=None, generator=None):
+                        eos_token_id=None, generator=None, compile=False):
         """Yield (token_id, log-probability) for each new token of one sequence."""
         from .generate import stream_generate
 
         return stream_generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                               generator)
+                               generator, compile)
 
     def save_pretrained(self, directory, tokenizer=None):
         from .checkpoint import save_pretrained

@@ -25,7 +25,7 @@ EOS_CANDIDATES = [EOS, "</s>", "<|endoftext|>", "<|im_end|>", "[SEP]"]
 @lru_cache(maxsize=1)
 def byte_level_char_to_byte() -> dict[str, int]:
     """GPT-2's printable-character alphabet for the 256 byte values, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -53,9 +53,10 @@ class Tokenizer:
         self.role_ids = {role: backend.token_to_id(tok) for role, tok in ROLE_TOKENS.items()}
         self.has_chat_tokens = all(i is not None for i in self.role_ids.values())
         self.is_byte_level = (json.loads(backend.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
-        added = backend.get_added_tokens_decoder()
-        self.special_ids = set(added)
-        self.special_pattern = re.compile("(" + "|".join(re.escape(t.content) for t in added.values()) + ")") if added else None
+        self.added_tokens = backend.get_added_tokens_decoder()
+        self.special_ids = {i for i, token in self.added_tokens.items() if token.special}
+        contents = sorted((t.content for t in self.added_tokens.values()), key=len, reverse=True)
+        self.added_pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else None
         backend.encode_special_tokens = True  # text is text: a user typing "<eos>" gets no control token
 
     @classmethod
@@ -102,10 +103,10 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Text to ids. Special-token strings typed by a user stay plain text unless allow_special."""
-        if not allow_special or self.special_pattern is None:
+        if not allow_special or self.added_pattern is None:
             return self.backend.encode(text, add_special_tokens=False).ids
         ids = []
-        for i, piece in enumerate(self.special_pattern.split(text)):
+        for i, piece in enumerate(self.added_pattern.split(text)):
             if i % 2:
                 ids.append(self.backend.token_to_id(piece))
             elif piece:
@@ -153,8 +154,9 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
         """Raw bytes of one token (byte-level tokenizers only)."""
-        if token_id in self.special_ids:
-            return b"" if skip_special_tokens else self.backend.id_to_token(token_id).encode()
+        added = self.added_tokens.get(token_id)
+        if added is not None:
+            return b"" if added.special and skip_special_tokens else added.content.encode()
         token = self.backend.id_to_token(token_id)
         if token is None:
             return b""
@@ -184,7 +186,7 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.pending = b""  # byte-level: bytes of an unfinished character
-        self.ids: list[int] = []  # other tokenizers: ids since the last emitted text
+        self.ids: list[int] = []  # other tokenizers: all ids so far, decoded whole; the new suffix is emitted
         self.emitted = ""
 
     def add(self, token_id: int) -> str:
@@ -219,6 +221,6 @@ def complete_utf8_prefix_length(data: bytes) -> int:
         byte = data[-back]
         if byte & 0b1100_0000 == 0b1000_0000:  # continuation byte: keep looking for the lead byte
             continue
-        needed = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+        needed = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1  # from the lead byte
         return len(data) if back >= needed else len(data) - back
     return len(data)

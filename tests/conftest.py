@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny model checkpoint, the real Redis and a fresh PostgreSQL database."""
+"""Shared fixtures: a tiny model checkpoint, the real Redis, a fresh PostgreSQL database, worker settings."""
 
 import os
 import uuid
@@ -52,3 +52,18 @@ def postgres_url():
     yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def worker_env(tmp_path, tiny_model_dir, redis_url):
+    """The environment for a `pioneer worker` process on the real Redis, with its keys cleared."""
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match="pioneer:workers:*"):
+        client.delete(key)
+    for key in client.scan_iter(match="pioneer:cache:*"):
+        client.delete(key)
+    client.delete("pioneer")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ATTENTION_", "DATABASE_"))}
+    env |= {"REDIS_URL": redis_url, "MODEL_PATH": str(tiny_model_dir), "PIONEER_DATA_DIR": str(tmp_path),
+            "MAX_NEW_TOKENS": "24", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    return env

@@ -3,16 +3,25 @@
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from pioneer_model import AttentionCache, cache_key, confidence, stream_generate
+from pioneer_model import AttentionCache, cache_key, confidence
+from pioneer_model.batching import make_sequence
 from pioneer_model.checkpoint import load_pretrained
+from pioneer_model.prefix import DEFAULT_CHUNK_TOKENS, PrefixCache
+from pioneer_model.prefix import measure as measure_prefix
+from pioneer_model.quantize import quantize_int8
+
+from . import metrics
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+MAX_PENDING_WRITES = 8  # prefix-cache writes queued at most; more are skipped
 
 
 @dataclass
@@ -41,31 +50,53 @@ class EngineStats:
     generated_tokens: int = 0
     cache_hits: int = 0
     busy: int = 0
+    reused_tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class LocalEngine:
-    """Streams replies from the local model. Thread-safe: each request has its own KV cache and the
-    weights are only read, so a threads pool can run several requests at once on one copy of the model."""
+    """Streams replies from the local model. Thread-safe: callers on any thread submit requests to one scheduler
+    thread, which decodes all of them together (continuous batching) on one copy of the model, and reuses
+    cached prompt prefixes from the shared cache when fetching them is faster than recomputing."""
 
     def __init__(self, model, tokenizer, *, cache: AttentionCache | None = None, max_new_tokens: int = 96,
-                 name: str | None = None):
+                 name: str | None = None, precision: str | None = None, max_batch_size: int = 16,
+                 max_tokens_in_flight: int | None = None, prefix_cache: str = "auto",
+                 prefix_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache = cache
         self.max_new_tokens = max_new_tokens
         self.name = name or model.config.name
-        self.model_id = cache_key(self.name, model.config.to_dict(), model.tok_emb.weight.float())[:16]
+        self.precision = precision or getattr(model, "quantization", None) or dtype_name(model.tok_emb.weight.dtype)
+        self.model_id = cache_key(self.name, model.config.to_dict(), model.tok_emb.weight.float(), self.precision)[:16]
         self.stats = EngineStats()
+        self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight,
+                                   on_prefill=self._on_prefill)
+        if prefix_cache not in ("auto", "on", "off"):
+            raise ValueError(f"prefix_cache must be auto, on or off, not {prefix_cache!r}")
+        self.prefix_policy = prefix_cache
+        self.prefix = None
+        if prefix_cache != "off" and cache is not None and cache.enabled:
+            self.prefix = PrefixCache(cache.storage, self.model_id, prefix_chunk_tokens)
+        self.prefix_measurement: dict | None = None
+        self._measure_lock, self._writes_lock = threading.Lock(), threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pioneer-prefix-writer")
+        self._writes: set = set()
 
     @classmethod
-    def load(cls, path, *, device: str = "auto", cache: AttentionCache | None = None, max_new_tokens: int = 96):
+    def load(cls, path, *, device: str = "auto", cache: AttentionCache | None = None, max_new_tokens: int = 96,
+             precision: str = "auto", **options):
         device = resolve_device(device)
-        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        precision = resolve_precision(precision, device)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
         if tokenizer is None:
             raise ValueError(f"{path} has no tokenizer.json")
-        return cls(model, tokenizer, cache=cache, max_new_tokens=max_new_tokens, name=Path(path).name)
+        if precision == "int8":
+            quantize_int8(model)
+        return cls(model, tokenizer, cache=cache, max_new_tokens=max_new_tokens, name=Path(path).name,
+                   precision=precision, **options)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat([(m["role"], m["content"]) for m in messages])
@@ -73,13 +104,17 @@ class LocalEngine:
     def count_tokens(self, text: str) -> int:
         return self.tokenizer.count_tokens(text)
 
-    def stream(self, messages: list[dict], max_new_tokens: int | None = None) -> Iterator[str]:
-        """Yield text deltas of a greedy reply; the generator's return value is the LocalReply."""
+    def stream(self, messages: list[dict], max_new_tokens: int | None = None, *, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yield text deltas of a reply (greedy unless temperature > 0); the generator's return value is the
+        LocalReply. Greedy replies are cached whole."""
         started = time.perf_counter()
         max_new = max_new_tokens or self.max_new_tokens
         ids = self.prompt_ids(messages)
+        greedy = temperature is None or temperature <= 0
         key = cache_key(self.model_id, "reply", max_new, torch.tensor(ids))
-        cached = self.cache.get(key) if self.cache is not None else None
+        use_cache = self.cache is not None and greedy
+        cached = self.cache.get(key) if use_cache else None
         decoder = self.tokenizer.stream_decoder()
         token_ids, logprobs, parts = [], [], []
         with self.stats.lock:
@@ -89,7 +124,7 @@ class LocalEngine:
             if cached is not None:
                 steps = zip(cached["tokens"].tolist(), cached["logprobs"].tolist())
             else:
-                steps = stream_generate(self.model, ids, max_new_tokens=max_new, eos_token_id=self.tokenizer.eos_id)
+                steps = self.generate(ids, max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
             for token_id, logprob in steps:
                 token_ids.append(token_id)
                 logprobs.append(logprob)
@@ -106,29 +141,154 @@ class LocalEngine:
                 self.stats.busy -= 1
                 self.stats.generated_tokens += 0 if cached is not None else len(token_ids)
                 self.stats.cache_hits += cached is not None
-        if cached is None and self.cache is not None and token_ids:
+            if use_cache and self.cache.enabled:
+                (metrics.CACHE_HITS if cached is not None else metrics.CACHE_MISSES).inc()
+        if cached is None and use_cache and token_ids:
             self.cache.put(key, {"tokens": torch.tensor(token_ids), "logprobs": torch.tensor(logprobs)})
         return LocalReply("".join(parts), token_ids, logprobs, len(ids), cached is not None, time.perf_counter() - started)
 
-    def reply(self, messages: list[dict], max_new_tokens: int | None = None) -> LocalReply:
+    def generate(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> Iterator[tuple[int, float]]:
+        """Yield (token id, log-probability) of one request, decoded in the shared batch."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        seq = make_sequence(self.model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, eos_token_id=self.tokenizer.eos_id, generator=generator)
+        self._attach_prefix(seq)
+        ticket = self.scheduler.submit(seq)
+        try:
+            yield from ticket
+        finally:
+            ticket.cancel()  # the caller stopped reading: free its row (no-op once finished)
+
+    def reply(self, messages: list[dict], max_new_tokens: int | None = None, **sampling) -> LocalReply:
         """Generate a whole reply (used to decide before streaming whether to keep it)."""
-        gen = self.stream(messages, max_new_tokens)
+        gen = self.stream(messages, max_new_tokens, **sampling)
         while True:
             try:
                 next(gen)
             except StopIteration as stop:
                 return stop.value
 
+    # ---- prefix reuse ----------------------------------------------------------------------------------------
+
+    def prefix_in_use(self, measure: bool = True) -> bool:
+        """Whether prompts reuse cached prefixes: policy "on", or "auto" once fetching measured faster
+        (measured on first use)."""
+        if self.prefix is None:
+            return False
+        if self.prefix_policy == "on":
+            return True
+        if self.prefix_measurement is None:
+            if not measure:
+                return False
+            self.measure_prefix_cache(again=False)
+        return self.prefix_measurement["use"]
+
+    def measure_prefix_cache(self, again: bool = True) -> dict:
+        """Time fetching cached chunks against recomputing them."""
+        with self._measure_lock:
+            if self.prefix_measurement is not None and not again:
+                return self.prefix_measurement
+            try:
+                self.prefix_measurement = measure_prefix(self.model, self.prefix.storage, self.prefix.chunk_tokens)
+            except Exception as exc:  # the cache is unreachable: recompute
+                log.warning("prefix cache measurement failed, not reusing prefixes: %s", exc)
+                self.prefix_measurement = {"use": False, "error": str(exc)}
+            log.info("prefix cache: %s", self.prefix_measurement)
+            return self.prefix_measurement
+
+    def _attach_prefix(self, seq) -> None:
+        c = self.model.config
+        if self.prefix is None or (c.decoder_only and len(seq.prompt) <= self.prefix.chunk_tokens):
+            return
+        if not self.prefix_in_use():
+            return
+        try:
+            if c.decoder_only:
+                seq.prefix = self.prefix.lookup(seq.prompt, limit=len(seq.prompt) - 1)  # keep a token to prefill
+                seq.reused = seq.prefix_len
+            else:
+                seq.memory = self.prefix.lookup_encoder(seq.prompt)
+                seq.reused = len(seq.prompt) if seq.memory is not None else 0
+        except Exception as exc:  # the cache failing is a miss
+            log.warning("prefix lookup failed, recomputing: %s", exc)
+            seq.prefix, seq.memory, seq.reused = None, None, 0
+        with self.stats.lock:
+            self.stats.reused_tokens += seq.reused
+
+    def _on_prefill(self, seq) -> None:
+        """Scheduler thread, right after a prefill: queue the new chunks (or encoder output) for writing."""
+        if self.prefix is None or not self.prefix_in_use(measure=False):
+            return
+        if self.model.config.decoder_only:
+            chunk = self.prefix.chunk_tokens
+            first, last = seq.reused // chunk, len(seq.prompt) // chunk
+            if last > first:
+                k, v = self.scheduler.decoder.prompt_kv(seq, first * chunk, last * chunk)
+                self._write(self.prefix.store, seq.prompt, k, v, first)
+        elif not seq.reused:
+            self._write(self.prefix.store_encoder, seq.prompt, seq.memory.clone())
+
+    def _write(self, fn, *args) -> None:
+        with self._writes_lock:
+            if len(self._writes) >= MAX_PENDING_WRITES:  # the cache is slow: skip rather than pile up memory
+                self.prefix.count("writes_skipped")
+                return
+            future = self._writer.submit(fn, *args)
+            self._writes.add(future)
+        future.add_done_callback(self._written)
+
+    def _written(self, future) -> None:
+        with self._writes_lock:
+            self._writes.discard(future)
+        if future.exception() is not None:
+            log.warning("prefix cache write failed: %s", future.exception())
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Wait for the queued prefix-cache writes."""
+        with self._writes_lock:
+            pending = list(self._writes)
+        wait(pending, timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self.scheduler.close()
+        self._writer.shutdown(wait=True)
+
     def info(self) -> dict:
+        prefix: dict = {"enabled": self.prefix is not None, "policy": self.prefix_policy}
+        if self.prefix is not None:
+            measured = self.prefix_measurement
+            prefix |= {"chunk_tokens": self.prefix.chunk_tokens,
+                       "in_use": True if self.prefix_policy == "on" else None if measured is None else measured["use"],
+                       "measurement": measured, "reused_tokens": self.stats.reused_tokens} | self.prefix.stats
         return {
             "model_name": self.name,
             "model_parameters": self.model.num_parameters(),
             "device": str(self.model.device),
             "dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
+            "precision": self.precision,
             "architecture": "decoder-only" if self.model.config.decoder_only else "encoder-decoder",
             "requests": self.stats.requests,
             "generated_tokens": self.stats.generated_tokens,
+            "batching": self.scheduler.snapshot(),
+            "prefix_cache": prefix,
         }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """MODEL_PRECISION: auto is bf16 on a GPU and fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if precision not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"MODEL_PRECISION must be auto, fp32, bf16 or int8, not {precision!r}")
+    return precision
 
 
 def resolve_device(device: str) -> str:

@@ -94,6 +94,10 @@ class Orchestrator:
         self.counts: dict[str, int] = defaultdict(int)
 
     @property
+    def engine_loaded(self) -> bool:
+        return isinstance(self._engine, LocalEngine)
+
+    @property
     def engine(self) -> LocalEngine:
         if not isinstance(self._engine, LocalEngine):
             self._engine = self._engine()

@@ -14,7 +14,7 @@ CODE_HINTS = re.compile(
 )
 TASK_HINTS = re.compile(
     r"\b(explain|summari[sz]e|translate|write|implement|compare|analy[sz]e|calculate|derive|prove|debug|refactor|"
-    r"optimi[sz]e|design|list \d+|step[- ]by[- ]step|in detail|pros and cons|difference between|essay|poem|"
+    r"optimi[sz]e|design|describe|draft|plan|recipe|list \d+|step[- ]by[- ]step|in detail|pros and cons|difference between|essay|poem|"
     r"why does|why do|how does|how do i|how can i|what would happen)\b",
     re.IGNORECASE,
 )
@@ -24,7 +24,7 @@ MATH = re.compile(r"\d+\s*[-+*/^%]\s*\d+|\b(integral|derivative|equation|matrix|
 def looks_complex(text: str) -> str | None:
     """A reason when the query is clearly beyond a small chit-chat model (long, code, multi-part); else None."""
     words = text.split()
-    if len(text) > 240 or len(words) > 40:
+    if len(text) > 240 or len(words) > 15:
         return "long"
     if CODE_HINTS.search(text):
         return "code"

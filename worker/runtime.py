@@ -3,11 +3,14 @@
 import asyncio
 import logging
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pioneer_model import AttentionCache
 
+from . import metrics
 from .engine import LocalEngine
 from .openai_backend import OpenAIBackend
 from .orchestrator import Orchestrator, ReplyError, ReplyMeta
@@ -16,6 +19,7 @@ from .settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.json"
+LEASE_S = 6.0  # a live attempt renews its lease every LEASE_S / 3; a dead one loses it within LEASE_S
 INTERNAL_ERROR = "Sorry, something went wrong on my side while answering. Please try again in a moment."
 
 
@@ -45,7 +49,10 @@ def build_backend(settings: WorkerSettings) -> OpenAIBackend:
 
 def build_engine(settings: WorkerSettings, cache: AttentionCache | None = None) -> LocalEngine:
     path = resolve_model_path(settings)
-    engine = LocalEngine.load(path, device=settings.device, cache=cache, max_new_tokens=settings.max_new_tokens)
+    engine = LocalEngine.load(path, device=settings.device, cache=cache, max_new_tokens=settings.max_new_tokens,
+                              precision=settings.model_precision, max_batch_size=settings.max_batch_size,
+                              max_tokens_in_flight=settings.max_tokens_in_flight,
+                              prefix_cache="auto" if settings.prefix_cache_enabled else "off")
     log.info("model %s loaded: %s parameters on %s", engine.name, engine.model.num_parameters(), engine.model.device)
     return engine
 
@@ -69,7 +76,10 @@ async def answer_request(payload: dict, orchestrator: Orchestrator, publisher) -
     if publisher.is_finished(request_id):
         return "duplicate"
     attempt = uuid.uuid4().hex[:12]
-    seq, meta = 0, None
+    seq, meta, started = 0, None, time.perf_counter()
+    if payload.get("enqueued_at"):
+        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - payload["enqueued_at"]))
+    metrics.IN_PROGRESS.inc()
     try:
         async for item in orchestrator.stream(payload["messages"], payload.get("mode")):
             if isinstance(item, ReplyMeta):
@@ -78,20 +88,35 @@ async def answer_request(payload: dict, orchestrator: Orchestrator, publisher) -
                 seq += 1
                 publisher.chunk(request_id, attempt, seq, item)
         publisher.final(request_id, attempt, meta.to_dict())
+        count_reply(meta, time.perf_counter() - started)
         return "final"
     except ReplyError as error:
         publisher.error(request_id, attempt, error.user_message, error.kind)
+        metrics.ERRORS.labels(error.kind).inc()
     except Exception:
         log.exception("request %s failed", request_id)
         publisher.error(request_id, attempt, INTERNAL_ERROR, "internal")
+        metrics.ERRORS.labels("internal").inc()
+    finally:
+        metrics.IN_PROGRESS.dec()
     return "error"
+
+
+def count_reply(meta: ReplyMeta, seconds: float) -> None:
+    metrics.MESSAGES.labels(meta.method).inc()
+    metrics.REPLY_SECONDS.labels(meta.method).observe(seconds)
+    if meta.method == "openai":
+        for kind in ("prompt", "completion"):
+            metrics.OPENAI_TOKENS.labels(kind).inc(meta.usage.get(f"{kind}_tokens") or 0)
 
 
 class LoopThread:
     """An asyncio loop in a daemon thread, so synchronous Celery task threads can run coroutines on it."""
 
-    def __init__(self):
+    def __init__(self, workers: int = 32):
         self.loop = asyncio.new_event_loop()
+        # engine calls wait in these threads while the engine batches them: as many as requests in flight
+        self.loop.set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="pioneer-call"))
         self.thread = threading.Thread(target=self.loop.run_forever, name="pioneer-loop", daemon=True)
         self.thread.start()
 

@@ -40,6 +40,11 @@ class WorkerSettings(BaseSettings):
     model_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     max_new_tokens: int = Field(96, ge=1, le=4096)
 
+    # Serving many users from one model: continuous batching, prefix reuse through the cache.
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_tokens_in_flight: int | None = Field(None, ge=1)  # KV positions; unset: MAX_BATCH_SIZE x SEQUENCE_LENGTH
+    prefix_cache_enabled: bool = True
+
     # OpenAI or any compatible server (Ollama, vLLM).
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -55,7 +60,12 @@ class WorkerSettings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 
-    @field_validator("redis_url", "openai_base_url", "model_path", "pre_trained_embeddings", mode="before")
+    # Operations: /metrics and /healthz (0: no server). Front-ends default to 0 (bots/settings.py).
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, so Prometheus can scrape it
+
+    @field_validator("redis_url", "openai_base_url", "model_path", "pre_trained_embeddings", "max_tokens_in_flight",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

@@ -92,6 +92,17 @@ class StreamPublisher(ABC):
     def error(self, request_id: str, attempt: str, message: str, kind: str) -> None:
         self.publish(request_id, StreamEvent("error", 0, attempt, message, {"kind": kind}))
 
+    def claim(self, request_id: str, attempt: str, ttl_s: float) -> bool:
+        """Take the lease on answering request_id; False while another live attempt holds it. The default
+        (one process, no redelivery) always grants it."""
+        return True
+
+    def renew(self, request_id: str, attempt: str, ttl_s: float) -> bool:
+        return True
+
+    def release(self, request_id: str, attempt: str) -> None:
+        """Give the lease back (only if this attempt still holds it)."""
+
     def close(self) -> None:
         """Release connections; the default has none."""
 
@@ -189,6 +200,27 @@ class RedisStreamBus(StreamBus):
 
     def is_finished(self, request_id):
         return bool(self._client.exists(self.done_key(request_id)))
+
+    def lease_key(self, request_id: str) -> str:
+        return f"{self.key_prefix}{request_id}:lease"
+
+    def claim(self, request_id, attempt, ttl_s):
+        return bool(self._client.set(self.lease_key(request_id), attempt, nx=True, px=int(ttl_s * 1000)))
+
+    def renew(self, request_id, attempt, ttl_s):
+        return bool(self._if_holder(keys=[self.lease_key(request_id)], args=[attempt, int(ttl_s * 1000)]))
+
+    def release(self, request_id, attempt):
+        self._if_holder(keys=[self.lease_key(request_id)], args=[attempt, 0])
+
+    @property
+    def _if_holder(self):
+        if not hasattr(self, "_if_holder_script"):
+            self._if_holder_script = self._client.register_script(
+                "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "
+                "if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+                "return redis.call('DEL', KEYS[1])")
+        return self._if_holder_script
 
     def close(self):
         self._client.close()

@@ -1,48 +1,14 @@
 """The service core end to end: embedded mode in one process, and real `pioneer worker` processes on Redis."""
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import redis
 
 from bots.app import build_service
 from bots.core import Incoming
 from bots.memory import Place
-from bots.settings import Settings
 from tests.fakes.openai_server import FakeOpenAI, Scenario
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import RecordingSink, make_settings, start_worker, stop, wait_for_workers
 PLACE = Place("console", "", "terminal", "")
-
-
-class RecordingSink:
-    """A MessageSink that keeps every post and edit."""
-
-    def __init__(self):
-        self.messages: list[str] = []
-        self.calls: list[tuple[str, int, str]] = []
-
-    async def post(self, text):
-        self.messages.append(text)
-        self.calls.append(("post", len(self.messages) - 1, text))
-        return len(self.messages) - 1
-
-    async def edit(self, ref, text):
-        self.messages[ref] = text
-        self.calls.append(("edit", ref, text))
-
-
-def make_settings(tmp_path, model_dir, **overrides) -> Settings:
-    values = dict(model_path=str(model_dir), database_url=f"sqlite+aiosqlite:///{tmp_path}/pioneer.db",
-                  redis_url=None, pioneer_data_dir=tmp_path, openai_api_key=None, openai_base_url=None,
-                  max_new_tokens=24, attention_mode="local", rate_limit_per_minute=1000)
-    return Settings(**(values | overrides))
 
 
 async def ask(service, text, user="u1", place=PLACE):
@@ -156,47 +122,6 @@ async def test_memory_is_trimmed_and_kept_per_user(tmp_path, tiny_model_dir):
 
 
 # ---- Real worker processes on Redis -------------------------------------------------------------------------
-
-def start_worker(env: dict, name: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bots.cli", "worker", "--concurrency", "2", "--name", name],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def wait_for_workers(redis_url: str, count: int, timeout: float = 60.0) -> None:
-    client = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(list(client.scan_iter(match="pioneer:workers:*"))) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{count} workers did not come up in {timeout} s")
-
-
-def stop(process: subprocess.Popen) -> str:
-    process.send_signal(signal.SIGTERM)
-    try:
-        out, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate()
-    return out
-
-
-@pytest.fixture
-def worker_env(tmp_path, tiny_model_dir, redis_url):
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match="pioneer:workers:*"):
-        client.delete(key)
-    for key in client.scan_iter(match="pioneer:cache:*"):
-        client.delete(key)
-    client.delete("pioneer")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ATTENTION_", "DATABASE_"))}
-    env |= {"REDIS_URL": redis_url, "MODEL_PATH": str(tiny_model_dir), "PIONEER_DATA_DIR": str(tmp_path),
-            "MAX_NEW_TOKENS": "24", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
-    return env
-
 
 async def test_real_workers_answer_every_mode_and_share_the_cache(tmp_path, tiny_model_dir, redis_url, postgres_url,
                                                                   worker_env):

@@ -1,7 +1,5 @@
 """Corpus loading, error messages, held-out split, and chat-formatted training examples with loss masks."""
 
-import json
-
 import pytest
 
 from pioneer_model.data import (IGNORE_INDEX, ChatDataset, CorpusError, Pair, augment_pairs, collate, deduplicate,

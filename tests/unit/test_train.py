@@ -9,7 +9,7 @@ from pioneer_model.data import Pair, load_chatterbot_pairs
 from pioneer_model.model import AttentionModel, ModelConfig
 from pioneer_model.tokenizer import Tokenizer
 import pioneer_model.train as train_module
-from pioneer_model.train import STATE_FILE, epoch_batches, learning_rate_at, train
+from pioneer_model.train import STATE_FILE, ThreadChooser, epoch_batches, learning_rate_at, train
 
 TINY = dict(attention_heads=2, embedding_dim=64, sequence_length=64, dropout_rate=0.0, num_encoder_layers=0,
             num_decoder_layers=2, ffn_dim=128, learning_rate=3e-3)
@@ -99,3 +99,38 @@ def test_schedule_and_batches():
     assert batches == epoch_batches(lengths, 2, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(abs(lengths[b[0]] - lengths[b[1]]) < 10 for b in batches)  # similar lengths share a batch
+
+
+def test_thread_chooser_keeps_the_faster_choice():
+    chooser = ThreadChooser([2, 1], period=20, trial=2)
+    used = []
+    for step in range(40):
+        threads = chooser.threads_for(step)
+        used.append(threads)
+        slow = threads == 2 if step < 20 else threads == 1  # the machine gets busy, then quiet again
+        chooser.record(step, threads, 5.0 if slow else 1.0)
+    assert used[:4] == [2, 2, 1, 1] and set(used[4:20]) == {1}
+    assert used[20:24] == [2, 2, 1, 1] and set(used[24:]) == {2}
+    assert {ThreadChooser([3]).threads_for(s) for s in range(10)} == {3}
+
+
+def test_encoder_decoder_training_runs(pairs, tok, tmp_path):
+    config = tiny_config(tok, num_encoder_layers=1, num_decoder_layers=1)
+    result = train(config, pairs[:200], tok, tmp_path, steps=30, batch_size=16, progress=False, eval_every=15,
+                   num_threads=1)
+    losses = [e["held_out_loss"] for e in result.evals]
+    assert result.steps == 30 and losses[-1] < losses[0]
+    assert not AttentionModel.from_pretrained(tmp_path).config.decoder_only
+
+
+def test_ensure_default_model_trains_once(pairs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "default_training_pairs", lambda: pairs[:100])
+    monkeypatch.setattr(train_module, "DEFAULT_TRAINING", dict(steps=2, batch_size=8, held_out_fraction=0.1))
+    path = train_module.ensure_default_model(tmp_path, progress=False)
+    assert path == tmp_path / "models" / "default"
+    assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    assert not (path / STATE_FILE).exists() and not (tmp_path / "models" / "default.partial").exists()
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert train_module.ensure_default_model(tmp_path) == path

@@ -1,0 +1,236 @@
+"""Continuous batching: a batch KV cache with a length per row, and a decoder that admits and retires rows."""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .generate import fit_prompt, sample_next
+
+
+@dataclass
+class Sequence:
+    """One request in a batch: prompt, sampling settings, stop conditions and the tokens made so far."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_id: int | None = None
+    generator: torch.Generator | None = None
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # (layers, heads, P, head_dim) k, v of prompt[:P]
+    memory: torch.Tensor | None = None  # encoder-decoder: the encoder output (1, S, dim), if already known
+    reused: int = 0  # prompt tokens whose keys/values (or encoder output) came from a cache
+    tokens: list[int] = field(default_factory=list)
+    row: int = -1
+    done: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature is None or self.temperature <= 0
+
+    @property
+    def reserved(self) -> int:
+        """KV positions this sequence may occupy."""
+        return len(self.prompt) + self.max_new_tokens
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix[0].size(2)
+
+
+def make_sequence(config, ids, max_new_tokens: int, **kwargs) -> Sequence:
+    """A Sequence whose prompt and length are fitted to the model's positions exactly as stream_generate does."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if config.decoder_only:
+        ids, max_new_tokens = fit_prompt(ids, max_new_tokens, config.sequence_length)
+    else:
+        ids, max_new_tokens = ids[-config.sequence_length:], max(1, min(max_new_tokens, config.sequence_length - 1))
+    return Sequence(ids.tolist(), max_new_tokens, **kwargs)
+
+
+class RowCache:
+    """One layer's cache seen as a batch of one row, for prefilling that row (the KVCache interface)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int, length: int = 0):
+        self.k, self.v, self.row, self.length = k, v, row, length
+
+    def append(self, kv_new: torch.Tensor):
+        start, end = self.length, self.length + kv_new.size(3)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache overflow: {end} positions > {self.k.size(2)}")
+        self.k[self.row, :, start:end] = kv_new[0, 0]
+        self.v[self.row, :, start:end] = kv_new[1, 0]
+        self.length = end
+        return self.k[self.row:self.row + 1, :, :end], self.v[self.row:self.row + 1, :, :end]
+
+
+class StepCache:
+    """One layer's cache for a decoding step of rows 0..n-1: row i's new key/value goes to position pos[i]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, width: int):
+        self.k, self.v, self.rows, self.pos, self.width = k, v, rows, pos, width
+
+    def append(self, kv_new: torch.Tensor):
+        self.k[self.rows, :, self.pos] = kv_new[0, :, :, 0]
+        self.v[self.rows, :, self.pos] = kv_new[1, :, :, 0]
+        n = self.rows.size(0)
+        return self.k[:n, :, :self.width], self.v[:n, :, :self.width]
+
+
+class BatchKVCache:
+    """Keys and values of up to `rows` sequences for every layer, (layers, rows, heads, max_len, head_dim)."""
+
+    def __init__(self, layers, rows, heads, max_len, head_dim, dtype=torch.float32, device=None):
+        shape = (layers, rows, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * rows
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def row_caches(self, row: int, length: int = 0) -> list[RowCache]:
+        return [RowCache(self.k[i], self.v[i], row, length) for i in range(self.k.size(0))]
+
+    def step_caches(self, pos: torch.Tensor, width: int) -> list[StepCache]:
+        rows = torch.arange(pos.size(0), device=pos.device)
+        return [StepCache(self.k[i], self.v[i], rows, pos, width) for i in range(self.k.size(0))]
+
+    def move(self, src: int, dst: int) -> None:
+        end = self.lengths[src]
+        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
+        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.lengths[dst] = end
+
+
+class BatchDecoder:
+    """Decodes many sequences together. Each new sequence is prefilled alone into a free row, then every
+    step() advances all active rows by one token with their own positions and key masks; finished rows leave
+    and the last row moves into the gap, so the active rows are always 0..n-1. Not thread-safe: one caller."""
+
+    def __init__(self, model, max_batch_size: int = 16, on_prefill=None):
+        self.model, self.max_batch_size = model, max_batch_size
+        self.on_prefill = on_prefill  # called with each sequence right after its prefill, while its row is set
+        self.active: list[Sequence] = []
+        self.cache: BatchKVCache | None = None
+        self.cross: BatchKVCache | None = None  # encoder-decoder: cross-attention keys/values per row
+
+    @property
+    def free(self) -> int:
+        return self.max_batch_size - len(self.active)
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in (self.cache, self.cross) if c is not None)
+
+    def _allocate(self) -> None:
+        c, m = self.model.config, self.model
+        args = (c.num_decoder_layers, self.max_batch_size, c.attention_heads, c.sequence_length, c.head_dim,
+                m.tok_emb.weight.dtype, m.device)
+        self.cache = BatchKVCache(*args)
+        if not c.decoder_only:
+            self.cross = BatchKVCache(*args)
+
+    @torch.inference_mode()
+    def add(self, seq: Sequence) -> tuple[int, float]:
+        """Prefill a new sequence into a free row; returns its first token and log-probability."""
+        if self.free <= 0:
+            raise RuntimeError("no free row in the batch")
+        if self.cache is None:
+            self._allocate()
+        model, c = self.model, self.model.config
+        row, device = len(self.active), model.device
+        if c.decoder_only:
+            start = seq.prefix_len
+            if start:
+                k, v = seq.prefix
+                self.cache.k[:, row, :, :start] = k.to(device, self.cache.k.dtype)
+                self.cache.v[:, row, :, :start] = v.to(device, self.cache.v.dtype)
+            ids = torch.tensor([seq.prompt[start:]], dtype=torch.long, device=device)
+            hidden = model.decode(ids, kv_caches=self.cache.row_caches(row, start))
+            self.cache.lengths[row] = len(seq.prompt)
+        else:
+            src = torch.tensor([seq.prompt], dtype=torch.long, device=device)
+            if seq.memory is None:
+                seq.memory = model.encode(src)
+            memory_kv = model.cross_kv(seq.memory.to(device, self.cache.k.dtype))
+            s = src.size(1)
+            for i, (k, v) in enumerate(memory_kv):
+                self.cross.k[i, row, :, :s], self.cross.v[i, row, :, :s] = k[0], v[0]
+            self.cross.lengths[row] = s
+            bos = src.new_full((1, 1), c.bos_token_id)
+            hidden = model.decode(bos, memory_kv=memory_kv, kv_caches=self.cache.row_caches(row))
+            self.cache.lengths[row] = 1
+        seq.row, seq.tokens, seq.done = row, [], False
+        self.active.append(seq)
+        if self.on_prefill is not None:
+            self.on_prefill(seq)
+        (token, logprob), = self._sample([seq], model.logits(hidden[:, -1]).float())
+        if seq.done:
+            self.remove(seq)
+        return token, logprob
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, int, float]]:
+        """One decoding step for every active row: (sequence, token, log-probability), finished ones removed."""
+        if not self.active:
+            return []
+        model, c, device = self.model, self.model.config, self.model.device
+        n = len(self.active)
+        lengths = self.cache.lengths[:n]
+        pos = torch.tensor(lengths, dtype=torch.long, device=device)
+        width = max(lengths) + 1
+        tokens = torch.tensor([[s.tokens[-1]] for s in self.active], dtype=torch.long, device=device)
+        # Each row sees its own keys only: positions 0..pos (the rest of the row is padding or stale).
+        mask = None if min(lengths) == width - 1 else \
+            (torch.arange(width, device=device) <= pos[:, None])[:, None, None, :]
+        memory_kv, memory_mask = None, None
+        if not c.decoder_only:
+            src_lengths = self.cross.lengths[:n]
+            s = max(src_lengths)
+            memory_kv = [(self.cross.k[i, :n, :, :s], self.cross.v[i, :n, :, :s]) for i in range(c.num_decoder_layers)]
+            if min(src_lengths) < s:
+                memory_mask = torch.arange(s, device=device) < torch.tensor(src_lengths, device=device)[:, None]
+        hidden = model.decode(tokens, kv_caches=self.cache.step_caches(pos, width), positions=pos[:, None],
+                              attn_mask=mask, memory_kv=memory_kv, memory_padding_mask=memory_mask)
+        for i in range(n):
+            self.cache.lengths[i] += 1
+        active = list(self.active)
+        results = [(s, t, lp) for s, (t, lp) in zip(active, self._sample(active, model.logits(hidden[:, -1]).float()))]
+        for s in active:
+            if s.done:
+                self.remove(s)
+        return results
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
+        tokens = logits.argmax(dim=-1)
+        for i, s in enumerate(seqs):
+            if not s.greedy:
+                tokens[i] = sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.generator)[0]
+        logprobs = F.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+        out = list(zip(tokens.tolist(), logprobs.tolist()))
+        for s, (token, _) in zip(seqs, out):
+            s.tokens.append(token)
+            eos = self.model.config.eos_token_id if s.eos_token_id is None else s.eos_token_id
+            s.done = token == eos or len(s.tokens) >= s.max_new_tokens
+        return out
+
+    def remove(self, seq: Sequence) -> None:
+        """Retire a sequence (finished or cancelled); the last active row moves into its row."""
+        if seq.row < 0 or seq.row >= len(self.active) or self.active[seq.row] is not seq:
+            return
+        last = self.active.pop()
+        if last is not seq:
+            for cache in (self.cache, self.cross):
+                if cache is not None:
+                    cache.move(last.row, seq.row)
+            last.row = seq.row
+            self.active[seq.row] = last
+        seq.row = -1
+
+    def prompt_kv(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values (layers, heads, end - start, head_dim) of prompt positions start..end."""
+        return (self.cache.k[:, seq.row, :, start:end].clone(), self.cache.v[:, seq.row, :, start:end].clone())

@@ -1,0 +1,141 @@
+"""Prefix reuse: a follow-up prompt on another engine (in memory or through the real Redis) reuses cached
+chunks of its prefix and gives the cold start's tokens; damaged or missing chunks are recomputed."""
+
+import uuid
+
+import pytest
+import torch
+
+from pioneer_model import AttentionCache, AttentionModel, MemoryLRUStorage, ModelConfig, PRESETS, stream_generate
+from pioneer_model.checkpoint import load_tokenizer
+from worker.engine import LocalEngine
+from worker.redis_cache import RedisLRUStorage
+
+CHUNK = 16
+NEW = 12
+
+
+def make_engine(model_dir, storage, policy="on"):
+    return LocalEngine.load(model_dir, cache=AttentionCache(storage=storage), max_new_tokens=NEW,
+                            prefix_cache=policy, prefix_chunk_tokens=CHUNK)
+
+
+def history(turns: int) -> list[dict]:
+    messages = []
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"what about robots, part {i}?"},
+                     {"role": "assistant", "content": f"robots are machines {i}"}]
+    return messages
+
+
+def cold(engine, ids):
+    return [t for t, _ in stream_generate(engine.model, ids, max_new_tokens=NEW, eos_token_id=engine.tokenizer.eos_id)]
+
+
+def tokens(engine, ids):
+    return [t for t, _ in engine.generate(ids, NEW)]
+
+
+@pytest.fixture
+def redis_storages(redis_url):
+    namespace = f"test-prefix-{uuid.uuid4().hex[:8]}"
+    storages = [RedisLRUStorage(redis_url, namespace=namespace, capacity=10_000) for _ in range(2)]
+    yield storages
+    storages[0].clear()
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_follow_up_on_another_engine_reuses_the_prefix(tiny_model_dir, where, request):
+    if where == "redis":
+        storage_a, storage_b = request.getfixturevalue("redis_storages")
+    else:
+        storage_a = storage_b = MemoryLRUStorage(10_000)
+    writer, reader = make_engine(tiny_model_dir, storage_a), make_engine(tiny_model_dir, storage_b)
+    try:
+        first = history(2) + [{"role": "user", "content": "and music?"}]
+        reply = writer.reply(first)
+        writer.flush()
+        follow_up = first + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "thanks!"}]
+        ids = reader.prompt_ids(follow_up)
+        assert reader.reply(follow_up).token_ids == cold(reader, ids)
+        stats = reader.info()["prefix_cache"]
+        assert stats["chunk_hits"] >= len(writer.prompt_ids(first)) // CHUNK >= 2
+        assert stats["reused_tokens"] == stats["chunk_hits"] * CHUNK
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_damaged_or_missing_chunks_are_recomputed(tiny_model_dir):
+    storage = MemoryLRUStorage(10_000)
+    writer, reader = make_engine(tiny_model_dir, storage), make_engine(tiny_model_dir, storage)
+    try:
+        ids = writer.prompt_ids(history(3))
+        expected = tokens(writer, ids)
+        writer.flush()
+        keys = writer.prefix.chunk_keys(ids)
+        assert len(keys) >= 3 and all(storage.get(f"prefix:{k}:ok") for k in keys)
+
+        data = storage.get(f"prefix:{keys[1]}")
+        storage.put(f"prefix:{keys[1]}", data[:-8] + bytes(8))  # same length, other bytes: checksum fails
+        storage.delete(f"prefix:{keys[2]}:ok")  # data without its marker: never read
+        assert tokens(reader, ids) == expected == cold(reader, ids)
+        stats = reader.info()["prefix_cache"]
+        assert (stats["chunk_hits"], stats["chunks_damaged"], stats["reused_tokens"]) == (1, 1, CHUNK)
+
+        reader.flush()  # the reader rewrote the chunks it recomputed
+        storage.put(f"prefix:{keys[0]}", b"not safetensors")
+        storage.put(f"prefix:{keys[0]}:ok", b"15:0")
+        assert tokens(reader, ids) == expected
+        assert reader.info()["prefix_cache"]["chunks_damaged"] == 2
+        reader.flush()
+        assert tokens(reader, ids) == expected
+        assert reader.info()["prefix_cache"]["chunk_hits"] == 1 + len(reader.prefix.chunk_keys(ids, len(ids) - 1))
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_broken_cache_is_a_miss(tiny_model_dir):
+    class Broken(MemoryLRUStorage):
+        def get(self, key):
+            raise ConnectionError("cache down")
+
+    engine = make_engine(tiny_model_dir, Broken())
+    try:
+        ids = engine.prompt_ids(history(3))
+        assert tokens(engine, ids) == cold(engine, ids)
+    finally:
+        engine.close()
+
+
+def test_auto_policy_measures_and_reports(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, MemoryLRUStorage(10_000), policy="auto")
+    try:
+        assert engine.info()["prefix_cache"]["in_use"] is None  # not measured yet
+        engine.reply(history(3))
+        info = engine.info()["prefix_cache"]
+        measured = info["measurement"]
+        assert measured["fetch_ms"] > 0 and measured["recompute_ms"] > 0 and measured["chunk_tokens"] == CHUNK
+        assert info["in_use"] == (measured["fetch_ms"] < measured["recompute_ms"])
+    finally:
+        engine.close()
+
+
+def test_encoder_output_reused_for_the_same_source(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(1)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id, **(PRESETS["tiny"] | {"num_encoder_layers": 2}))
+    AttentionModel(config).save_pretrained(tmp_path / "encdec", tokenizer=tokenizer)
+    storage = MemoryLRUStorage(100)
+    writer, reader = make_engine(tmp_path / "encdec", storage), make_engine(tmp_path / "encdec", storage)
+    try:
+        ids = writer.prompt_ids(history(1))
+        assert tokens(writer, ids) == cold(writer, ids)
+        writer.flush()
+        assert tokens(reader, ids) == cold(writer, ids)
+        assert reader.info()["prefix_cache"]["encoder_hits"] == 1
+    finally:
+        writer.close()
+        reader.close()

@@ -1,0 +1,124 @@
+"""Continuous batching: batched greedy tokens equal solo ones, joining mid-batch, back-pressure, sampling."""
+
+import random
+import threading
+
+import pytest
+import torch
+
+from pioneer_model import PRESETS, AttentionModel, ModelConfig, stream_generate
+from pioneer_model.batching import BatchDecoder, make_sequence
+from worker.engine import LocalEngine
+from worker.settings import WorkerSettings
+
+NO_EOS = -1  # run every reply to its full length
+
+
+def random_model(encoder_layers=0, seed=0):
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=300, **(PRESETS["tiny"] | {"num_encoder_layers": encoder_layers}))
+    return AttentionModel(config).eval()
+
+
+def solo_tokens(model, prompt, max_new, eos=NO_EOS, **sampling):
+    return [t for t, _ in stream_generate(model, prompt, max_new_tokens=max_new, eos_token_id=eos, **sampling)]
+
+
+@pytest.mark.parametrize("encoder_layers", [0, 2])
+def test_batch_decoder_matches_solo_with_rows_joining_and_leaving(encoder_layers):
+    model = random_model(encoder_layers)
+    rng = random.Random(encoder_layers)
+    prompts = [[rng.randrange(7, 300) for _ in range(rng.randrange(2, 80))] for _ in range(10)]
+    lengths = [rng.randrange(1, 30) for _ in prompts]
+    decoder, seqs, step = BatchDecoder(model, max_batch_size=4), [], 0
+    pending = list(zip(prompts, lengths))
+    while pending or decoder.active:
+        if pending and decoder.free and step % 2 == 0:  # a new row joins every other step while there is room
+            prompt, n = pending.pop(0)
+            seqs.append(make_sequence(model.config, prompt, n, eos_token_id=NO_EOS))
+            decoder.add(seqs[-1])
+        decoder.step()
+        step += 1
+    for seq, prompt, n in zip(seqs, prompts, lengths):
+        assert seq.tokens == solo_tokens(model, prompt, n)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=20, max_batch_size=4)
+    yield engine
+    engine.close()
+
+
+def conversation(i: int) -> list[dict]:
+    return [{"role": "user", "content": "tell me about robots " * (i % 5 + 1) + str(i)}]
+
+
+def run_threads(fn, n):
+    results = [None] * n
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_concurrent_engine_requests_match_solo(engine):
+    solo = [solo_tokens(engine.model, engine.prompt_ids(conversation(i)), 20, engine.tokenizer.eos_id)
+            for i in range(7)]
+    replies = run_threads(lambda i: engine.reply(conversation(i)), 7)
+    assert [r.token_ids for r in replies] == solo
+    assert all(r.text for r in replies)
+    assert engine.info()["batching"]["peak_batch"] > 1
+
+
+def test_request_joining_mid_batch(engine):
+    first_prompt, second_prompt = engine.prompt_ids(conversation(1)), engine.prompt_ids(conversation(3))
+    first = engine.generate(first_prompt, 60)
+    head = [next(first) for _ in range(10)]  # decoding has started
+    second = list(engine.generate(second_prompt, 30))
+    rest = list(first)
+    assert [t for t, _ in head + rest] == solo_tokens(engine.model, first_prompt, 60, engine.tokenizer.eos_id)
+    assert [t for t, _ in second] == solo_tokens(engine.model, second_prompt, 30, engine.tokenizer.eos_id)
+
+
+def test_back_pressure_holds_the_bounds(tiny_model_dir):
+    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=16, max_batch_size=2, max_tokens_in_flight=120)
+    try:
+        prompts = [engine.prompt_ids(conversation(i)) for i in range(6)]
+        replies = run_threads(lambda i: [t for t, _ in engine.generate(prompts[i], 16)], 6)
+        stats = engine.info()["batching"]
+        assert replies == [solo_tokens(engine.model, p, 16, engine.tokenizer.eos_id) for p in prompts]
+        assert stats["peak_batch"] <= 2 and stats["peak_tokens_in_flight"] <= 120
+        assert stats["peak_waiting"] >= 3 and stats["active"] == stats["tokens_in_flight"] == 0
+    finally:
+        engine.close()
+
+
+def test_sampling_settings_per_request(engine):
+    prompt = engine.prompt_ids(conversation(2))
+    reference = solo_tokens(engine.model, prompt, 20, engine.tokenizer.eos_id, temperature=0.9, top_k=50,
+                            generator=torch.Generator().manual_seed(7))
+    sampled = run_threads(lambda i: [t for t, _ in engine.generate(prompt, 20, temperature=0.9, top_k=50, seed=7)]
+                          if i else engine.reply(conversation(2)).token_ids, 3)
+    assert sampled[1] == sampled[2] == reference
+    assert sampled[0] == solo_tokens(engine.model, prompt, 20, engine.tokenizer.eos_id)
+
+
+def test_abandoned_stream_frees_its_row(engine):
+    gen = engine.stream(conversation(4), max_new_tokens=200)
+    next(gen)
+    gen.close()
+    engine.reply(conversation(5))  # the scheduler drops the cancelled row at its next step
+    assert engine.info()["batching"]["active"] == 0
+
+
+def test_serving_settings_names(monkeypatch):
+    monkeypatch.setenv("MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("MAX_TOKENS_IN_FLIGHT", "4096")
+    monkeypatch.setenv("PREFIX_CACHE_ENABLED", "false")
+    settings = WorkerSettings(_env_file=None)
+    assert (settings.max_batch_size, settings.max_tokens_in_flight, settings.prefix_cache_enabled) == (8, 4096, False)
+    fields = WorkerSettings.model_fields
+    assert (fields["max_batch_size"].default, fields["prefix_cache_enabled"].default) == (16, True)

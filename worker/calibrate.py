@@ -1,0 +1,116 @@
+"""Calibrate the hybrid router: measure how often local replies are adequate at each raw confidence.
+
+`pioneer calibrate [--model DIR] [--data FILE] [--write]` runs the local model on a labelled set of simple and
+complex queries (worker/data/routing_eval.jsonl), fits the map raw confidence -> share of adequate replies on
+the calibration split, saves it as calibration.json beside the model (with --write), and reports the routing
+on the held-out split.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from .engine import LocalEngine
+from .routing import Calibration, looks_complex
+
+DATA = Path(__file__).parent / "data" / "routing_eval.jsonl"
+SYSTEM = "You are Pioneer, a friendly and helpful chat assistant."
+
+# A simple query's local reply is adequate when it answers in kind.
+ADEQUATE = {
+    "greeting": r"\b(hi|hello|hey|greetings|good (morning|afternoon|evening|day)|howdy|nice to meet|welcome)\b",
+    "wellbeing": r"\b(good|fine|well|great|ok|okay|doing|excellent|not bad|alright|happy|thanks)\b",
+    "name": r"\b(name|i am|i'm|call me|pioneer|bot|assistant)\b",
+    "identity": r"\b(bot|robot|ai|artificial|assistant|program|computer|software|machine|chat|human|real)\b",
+    "creator": r"\b(made|created|built|programm\w*|develop\w*|wrote|team|human|people|engineer\w*|born)\b",
+    "thanks": r"\b(welcome|pleasure|no problem|anytime|glad|happy to|you bet|sure)\b",
+    "bye": r"\b(bye|goodbye|see you|later|take care|farewell|talk soon|good night)\b",
+    "likes": r"\b(like|love|enjoy|favou?rite|yes|no|not really|prefer|fan)\b",
+    "joke": r"\?|\b(why|what do you call|knock|funny|joke|laugh)\b",
+    "feelings": r"\b(yes|no|i am|i'm|feel\w*|happy|sad|think|emotion\w*|sometimes|bored|lonely)\b",
+}
+
+
+def is_adequate(row: dict, reply: str) -> bool:
+    if row["kind"] != "simple" or len(reply.split()) < 1:
+        return False
+    return re.search(ADEQUATE[row["topic"]], reply, re.IGNORECASE) is not None
+
+
+def evaluate(engine: LocalEngine, rows: list[dict]) -> list[dict]:
+    results = []
+    for row in rows:
+        reason = looks_complex(row["text"])
+        result = dict(row, skipped=reason)
+        if reason is None:
+            reply = engine.reply([{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["text"]}])
+            result |= {"reply": reply.text.strip(), "raw": reply.raw_confidence,
+                       "adequate": is_adequate(row, reply.text)}
+        results.append(result)
+    return results
+
+
+def routing(results: list[dict], calibration: Calibration, threshold: float) -> dict:
+    def local(r):
+        return r["skipped"] is None and calibration(r["raw"]) >= threshold
+
+    out = {}
+    for kind in ("simple", "complex"):
+        rows = [r for r in results if r["kind"] == kind]
+        answered = [r for r in rows if local(r)]
+        out[kind] = {"queries": len(rows), "answered_locally": len(answered),
+                     "share_local": round(len(answered) / max(1, len(rows)), 3),
+                     "adequate_when_local": round(sum(r["adequate"] for r in answered) / max(1, len(answered)), 3)}
+    return out
+
+
+def table(results: list[dict], calibration: Calibration) -> list[dict]:
+    rows = []
+    edges = calibration.edges + [1.01]
+    for i, share in enumerate(calibration.adequate):
+        members = [r for r in results if r["skipped"] is None and edges[i] <= r["raw"] < edges[i + 1]]
+        rows.append({"raw_from": round(edges[i], 3), "raw_to": round(min(edges[i + 1], 1.0), 3),
+                     "calibrated": round(share, 3), "queries": len(members),
+                     "adequate": sum(r["adequate"] for r in members)})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="pioneer calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint directory (default: MODEL_PATH or the default model)")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--threshold", type=float, default=None, help="default: HYBRID_MODE_THRESHOLD")
+    parser.add_argument("--bins", type=int, default=6)
+    parser.add_argument("--write", action="store_true", help="save calibration.json beside the model")
+    parser.add_argument("--show", action="store_true", help="print each held-out reply")
+    args = parser.parse_args(argv)
+
+    from .runtime import CALIBRATION_FILE, resolve_model_path
+    from .settings import get_worker_settings
+
+    settings = get_worker_settings()
+    path = Path(args.model) if args.model else resolve_model_path(settings)
+    threshold = settings.hybrid_mode_threshold if args.threshold is None else args.threshold
+    engine = LocalEngine.load(path, max_new_tokens=settings.max_new_tokens)
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    results = evaluate(engine, rows)
+    fit_on = [r for r in results if r["split"] == "calibration"]
+    held_out = [r for r in results if r["split"] == "held_out"]
+    calibration = Calibration.fit([(r["raw"], r["adequate"]) for r in fit_on if r["skipped"] is None], args.bins)
+    if args.write:
+        calibration.save(path / CALIBRATION_FILE)
+    if args.show:
+        for r in held_out:
+            print(f"{r['kind']:7} {r['text'][:50]!r:55} -> {r.get('reply', '(skipped: ' + str(r['skipped']) + ')')[:60]!r}"
+                  f" raw={r.get('raw', 0):.2f} ok={r.get('adequate')}")
+    print(json.dumps({
+        "model": str(path), "threshold": threshold, "calibration_table": table(fit_on, calibration),
+        "routing_calibration_split": routing(fit_on, calibration, threshold),
+        "routing_held_out": routing(held_out, calibration, threshold),
+        "written": str(path / CALIBRATION_FILE) if args.write else None,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The engine's scheduler: one thread runs continuous batching for every request of this worker process."""
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+
+import torch
+
+from pioneer_model.batching import BatchDecoder, Sequence
+
+log = logging.getLogger(__name__)
+DONE = object()
+
+
+class Ticket:
+    """A submitted request: the caller reads (token, logprob) pairs from `tokens` until DONE (or an error)."""
+
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+        self.tokens: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    def __iter__(self):
+        while True:
+            item = self.tokens.get()
+            if item is DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    """Admits waiting requests into the batch while it has a free row and the KV positions they reserve fit
+    under max_tokens_in_flight (first come, first served; the rest wait: back-pressure), prefills each one
+    alone, then runs one decoding step for all active requests, streaming each token to its caller."""
+
+    def __init__(self, model, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
+                 on_prefill=None):
+        self.decoder = BatchDecoder(model, max_batch_size, on_prefill)
+        self.max_batch_size = max_batch_size
+        self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * model.config.sequence_length
+        self.waiting: deque[Ticket] = deque()
+        self.tickets: dict[int, Ticket] = {}  # id(seq) -> ticket, for the active rows
+        self.in_flight = 0  # KV positions reserved by the active requests
+        self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "peak_batch": 0, "peak_tokens_in_flight": 0,
+                      "peak_waiting": 0}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, seq: Sequence) -> Ticket:
+        ticket = Ticket(seq)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self.waiting.append(ticket)
+            self.stats["peak_waiting"] = max(self.stats["peak_waiting"], len(self.waiting))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pioneer-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return ticket
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            steps = self.stats["steps"]
+            return {"max_batch_size": self.max_batch_size, "max_tokens_in_flight": self.max_tokens_in_flight,
+                    "active": len(self.decoder.active), "waiting": len(self.waiting),
+                    "tokens_in_flight": self.in_flight, "kv_cache_mb": round(self.decoder.kv_bytes / 2**20, 1),
+                    "mean_batch": round(self.stats["rows_stepped"] / steps, 2) if steps else 0.0} | self.stats
+
+    def _admit(self) -> list[Ticket]:
+        """Waiting tickets that fit now (called with the lock held)."""
+        admitted = []
+        while self.waiting and len(self.decoder.active) + len(admitted) < self.max_batch_size:
+            ticket = self.waiting[0]
+            if ticket.cancelled:
+                self.waiting.popleft()
+                ticket.tokens.put(DONE)
+                continue
+            need = ticket.seq.reserved
+            busy = self.decoder.active or admitted
+            if busy and self.in_flight + need > self.max_tokens_in_flight:
+                break
+            self.waiting.popleft()
+            self.in_flight += need
+            self.tickets[id(ticket.seq)] = ticket
+            admitted.append(ticket)
+        return admitted
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self.waiting and not self.decoder.active:
+                        self._cond.wait()
+                    if self._closed and not self.decoder.active and not self.waiting:
+                        return
+                    admitted = self._admit()
+                try:
+                    for ticket in admitted:
+                        self._prefill(ticket)
+                    self._step()
+                except Exception as exc:  # fail the requests in the batch, keep serving the next ones
+                    log.exception("batched decoding failed")
+                    self._fail_all(exc)
+
+    def _prefill(self, ticket: Ticket) -> None:
+        seq = ticket.seq
+        if ticket.cancelled:
+            self._finish(ticket)
+            return
+        try:
+            token, logprob = self.decoder.add(seq)
+        except Exception as exc:  # this request only (e.g. a bad prefix): the batch carries on
+            log.exception("prefill failed")
+            self.decoder.remove(seq)
+            self._release(ticket)
+            ticket.tokens.put(RuntimeError(f"generation failed: {exc}"))
+            return
+        self.stats["prefills"] += 1
+        ticket.tokens.put((token, logprob))
+        if seq.done:
+            self._finish(ticket)
+
+    def _step(self) -> None:
+        for seq in list(self.decoder.active):
+            ticket = self.tickets[id(seq)]
+            if ticket.cancelled:
+                self.decoder.remove(seq)
+                self._finish(ticket)
+        n = len(self.decoder.active)
+        if not n:
+            return
+        with self._cond:
+            self.stats["steps"] += 1
+            self.stats["rows_stepped"] += n
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], n)
+            self.stats["peak_tokens_in_flight"] = max(self.stats["peak_tokens_in_flight"], self.in_flight)
+        for seq, token, logprob in self.decoder.step():
+            ticket = self.tickets[id(seq)]
+            ticket.tokens.put((token, logprob))
+            if seq.done:
+                self._finish(ticket)
+
+    def _finish(self, ticket: Ticket) -> None:
+        self._release(ticket)
+        ticket.tokens.put(DONE)
+
+    def _release(self, ticket: Ticket) -> None:
+        if self.tickets.pop(id(ticket.seq), None) is not None:
+            with self._cond:
+                self.in_flight -= ticket.seq.reserved
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq in list(self.decoder.active):
+            self.decoder.remove(seq)
+        for ticket in list(self.tickets.values()):
+            self._release(ticket)
+            ticket.tokens.put(RuntimeError(f"generation failed: {exc}"))
