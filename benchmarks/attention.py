@@ -67,6 +67,7 @@ def main():
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    load_before = round(os.getloadavg()[0], 2)  # other processes on the machine skew every timing
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -78,7 +79,8 @@ def main():
         "settings": {"batch": 1, "heads": args.heads, "d_k": args.d_k, "dtype": "float32", "causal": args.causal,
                      "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                     "machine": platform.machine()},
+                     "machine": platform.machine(),
+                     "loadavg_1min_before_after": [load_before, round(os.getloadavg()[0], 2)]},
         "per_length": per_length,
         "ratio_vs_torch_sdpa": longest["ratio_vs_torch_sdpa"],
         "ratio_vs_torch_sdpa_length": max(args.lengths),

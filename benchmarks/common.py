@@ -18,9 +18,9 @@ def median(values) -> float:
     return statistics.median(values)
 
 
-def make_checkpoint(path: Path, preset: str = "small", seed: int = 0) -> Path:
-    """A random model of a preset with a tokenizer trained on the ChatterBot corpus (special tokens muted, so
-    greedy replies run to max_new_tokens)."""
+def make_checkpoint(path: Path, preset: str = "small", seed: int = 0, **overrides) -> Path:
+    """A random model of a preset (with config overrides) and a tokenizer trained on the ChatterBot corpus
+    (special tokens muted, so greedy replies run to max_new_tokens)."""
     from pioneer_model import PRESETS, AttentionModel, ModelConfig
     from pioneer_model.data import load_chatterbot_pairs
     from pioneer_model.tokenizer import Tokenizer
@@ -32,7 +32,7 @@ def make_checkpoint(path: Path, preset: str = "small", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                         **(PRESETS[preset] | {"dropout_rate": 0.0}))
+                         **(PRESETS[preset] | {"dropout_rate": 0.0} | overrides))
     model = AttentionModel(config)
     with torch.no_grad():
         model.tok_emb.weight[sorted(tokenizer.special_ids)] = 0.0

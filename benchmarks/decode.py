@@ -66,6 +66,7 @@ def main():
                         "(sinusoidal positions, exact GELU) with the same sizes")
     parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
     args = parser.parse_args()
+    load_before = round(os.getloadavg()[0], 2)  # other processes on the machine skew every timing
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -132,7 +133,8 @@ def main():
                      "greedy": True, "repeats": args.repeats, "statistic": "median", "torch": torch.__version__,
                      "transformers": transformers.__version__, "threads": torch.get_num_threads(),
                      "cpus": os.cpu_count(), "machine": platform.machine(),
-                     "parameters": ours.num_parameters()},
+                     "parameters": ours.num_parameters(),
+                     "loadavg_1min_before_after": [load_before, round(os.getloadavg()[0], 2)]},
     }
     if args.native:
         result["native_layout_tokens_per_s"] = round(rate["native"], 1)

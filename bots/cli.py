@@ -23,6 +23,7 @@ def cmd_chat(args) -> None:
 
     async def main():
         service = await build_service(settings)
+        await service.core.recover("console", follow_s=0)  # replies cut off at the last exit: marked interrupted
         console = Console(service.core, user_id=args.user)
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, console.stop)
         try:

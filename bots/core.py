@@ -14,12 +14,16 @@ from worker.streams import ReplyAssembler, StreamTimeout
 
 from . import ops
 from .edits import ReplyStreamer
-from .memory import Memory, Place
+from .memory import Memory, Place, UnknownRequest
+from .recovery import LocatedSink, Resume, locate, recover_replies
 from .trimming import trim_history
 
 log = logging.getLogger(__name__)
 
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+# C0 and C1 controls but tab and newlines, zero-width space, direction marks and overrides, BOM. Joiners (U+200C,
+# U+200D) stay: emoji sequences and Persian text need them.
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 TIMEOUT_MESSAGE = "Sorry, I couldn't finish that reply in time. Please try again."
 BUSY_MESSAGE = "Sorry, I'm having trouble reaching my workers right now. Please try again in a moment."
 RESTARTING_MESSAGE = "I'm restarting right now. Please send that again in a minute."
@@ -54,8 +58,7 @@ def clean_input(text: str, max_chars: int) -> str:
     """Normalise a user's message; raise InputRejected with a polite reason when it can't be answered."""
     if not isinstance(text, str):
         raise InputRejected("I can only read text messages.")
-    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become U+FFFD
-    text = CONTROL.sub("", unicodedata.normalize("NFC", text)).strip()
+    text = CONTROL.sub("", unicodedata.normalize("NFC", valid_unicode(text))).strip()
     text = limit_combining_marks(text)
     if not text:
         raise InputRejected("I didn't get any text there. Send me a message and I'll answer.")
@@ -63,6 +66,23 @@ def clean_input(text: str, max_chars: int) -> str:
         raise InputRejected(f"That message is too long ({len(text):,} characters; the limit is {max_chars:,}). "
                             "Please shorten it or split it up.")
     return text
+
+
+def clean_output(text: str) -> str:
+    """Model output fit to store and show: valid Unicode without NUL, controls or direction overrides."""
+    return CONTROL.sub("", valid_unicode(text))
+
+
+def clean_name(name: str | None) -> str | None:
+    """A platform display name fit to store (PostgreSQL text holds no NUL, nor lone surrogates)."""
+    return None if name is None else clean_output(name).strip() or None
+
+
+def valid_unicode(text: str) -> str:
+    """Pair up surrogates (e.g. split across JSON escapes); a lone one, or surrogateescape'd byte, becomes U+FFFD."""
+    if not SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def limit_combining_marks(text: str, keep: int = 3) -> str:
@@ -159,15 +179,22 @@ class ConversationCore:
         place, user = incoming.place, incoming.user_id
         history = await self.memory.history(place, user)
         conversation = await self.memory.settings(place, user)
-        await self.memory.add_user_message(place, user, text, self.count_tokens(text), incoming.display_name)
+        name = clean_name(incoming.display_name)
+        request_id = uuid.uuid4().hex
+        await self.memory.add_user_message(place, user, text, self.count_tokens(text), name, request_id=request_id)
         messages = trim_history(conversation.system_prompt or self.settings.system_prompt,
                                 [(m.role, m.content) for m in history], text, self.history_budget,
                                 self.count_tokens)
-        request_id = uuid.uuid4().hex
-        await self.memory.begin_reply(place, user, request_id)
+        location = locate(sink)
+        await self.memory.begin_reply(place, user, request_id, location)
         payload = {"request_id": request_id, "mode": conversation.mode or self.mode,
                    "messages": [{"role": r, "content": c} for r, c in messages], "enqueued_at": time.time()}
-        streamer = ReplyStreamer(sink, limit, min_interval_s=min_interval_s, budget=budget, scope=scope)
+
+        async def save_location(where: dict) -> None:
+            await self.memory.set_reply_ref(request_id, where)
+
+        streamer = ReplyStreamer(LocatedSink(sink, save_location, location), limit, min_interval_s=min_interval_s,
+                                 budget=budget, scope=scope)
         started = time.perf_counter()
         try:
             await self.dispatcher.submit(payload)
@@ -185,10 +212,10 @@ class ConversationCore:
             async for event in self.bus.read(request_id, timeout_s=self.settings.reply_timeout_s):
                 if not assembler.add(event):
                     continue
-                if event.kind == "chunk" and assembler.text.strip():
+                if event.kind == "chunk" and (shown := clean_output(assembler.text)).strip():
                     if first_text_ms is None:
                         first_text_ms = (time.perf_counter() - started) * 1000
-                    await streamer.update(assembler.text)
+                    await streamer.update(shown)
         except StreamTimeout:
             ops.ERRORS.labels("timeout").inc()
             await streamer.fail(TIMEOUT_MESSAGE)
@@ -202,19 +229,32 @@ class ConversationCore:
             await self.memory.fail_reply(request_id, "failed", message)
             return Outcome(request_id, "failed", message)
 
-        reply, meta = assembler.text.strip(), assembler.meta or {}
+        reply, meta = clean_output(assembler.text).strip(), assembler.meta or {}
         if not reply:
             reply = "…I don't have an answer to that. Could you rephrase?"
         await streamer.finish(reply)
         latency_ms = (time.perf_counter() - started) * 1000
-        await self.memory.finish_reply(request_id, reply, self.count_tokens(reply), meta.get("method"),
-                                       meta.get("confidence"), int(latency_ms))
+        try:
+            await self.memory.finish_reply(request_id, reply, self.count_tokens(reply), meta.get("method"),
+                                           meta.get("confidence"), int(latency_ms))
+        except UnknownRequest:  # the user said /forget while this reply streamed: it is shown, and kept nowhere
+            log.info("request %s finished after its user was forgotten; not stored", request_id)
         self.answered[meta.get("method") or "unknown"] += 1
         self.latencies_ms.append(latency_ms)
         ops.REPLY_SECONDS.labels(meta.get("method") or "unknown").observe(latency_ms / 1000)
         if first_text_ms is not None:
             ops.FIRST_TEXT_SECONDS.observe(first_text_ms / 1000)
         return Outcome(request_id, "answered", reply, meta.get("method"), meta.get("confidence"), first_text_ms)
+
+    async def recover(self, platform: str, resume: Resume | None = None, *, follow_s: float | None = None):
+        """After a restart: finish each reply `platform` left pending from its stream (streams are replayable, and
+        a worker may still be writing one), or mark it interrupted with a short note edited into its message.
+
+        resume(pending) gives where the reply is shown (a bots.recovery.Resumed; None: nowhere, e.g. the console).
+        follow_s: how long to wait on a silent stream (default REPLY_TIMEOUT_S; 0: read none, mark all
+        interrupted). Returns a Counter of finished, failed and interrupted replies."""
+        follow_s = self.settings.reply_timeout_s if follow_s is None else follow_s
+        return await recover_replies(self, platform, resume, follow_s, clean_output)
 
     async def forget(self, platform: str, user_id: str) -> str:
         rows = await self.memory.forget(platform, str(user_id))
@@ -246,7 +286,10 @@ class ConversationCore:
             "model": worker.get("model_name", "unknown"),
             "parameters": f"{worker.get('model_parameters', 0):,}",
             "device": worker.get("device", "unknown"),
+            "precision": worker.get("precision", "unknown"),
             "cache": f"{'on' if worker.get('cache_enabled') else 'off'}, hit rate {cache.get('hit_rate', 0):.0%}",
+            "prefix cache": describe_prefix_cache(worker.get("prefix_cache") or {}),
+            "batching": describe_batching(worker.get("batching") or {}),
             "queue depth": await self._safe(self.dispatcher.queue_depth),
             "workers online": await self._safe(self.dispatcher.workers_online),
             "openai": "configured" if openai.get("configured") else "not configured",
@@ -261,3 +304,22 @@ class ConversationCore:
             return await asyncio.wait_for(call(), 2.0)
         except Exception:
             return "unknown"
+
+
+def describe_prefix_cache(info: dict) -> str:
+    """The worker's prefix-reuse decision and the figures behind it, for /info."""
+    if not info.get("enabled"):
+        return "off"
+    state = {True: "in use", False: "not used (recomputing is faster)", None: "not measured yet"}[info.get("in_use")]
+    measured = info.get("measurement") or {}
+    if "fetch_ms_per_chunk" in measured:
+        state += (f", fetch {measured['fetch_ms_per_chunk']} ms vs recompute {measured['recompute_ms_per_chunk']} ms"
+                  f" per {info.get('chunk_tokens')}-token chunk")
+    return f"{state}, {info.get('reused_tokens', 0)} prompt tokens reused"
+
+
+def describe_batching(info: dict) -> str:
+    if not info:
+        return "-"
+    return (f"{info.get('active', 0)} decoding, {info.get('waiting', 0)} waiting, batch up to "
+            f"{info.get('max_batch_size')} (mean {info.get('mean_batch', 0)})")

@@ -6,6 +6,7 @@ sees empty text except in DMs and in messages that mention it.
 """
 
 import asyncio
+import functools
 import logging
 import sys
 
@@ -16,7 +17,7 @@ import yarl
 from discord import app_commands
 
 from . import discord_listeners
-from .discord_io import NO_MENTIONS, channel_budget
+from .discord_io import NO_MENTIONS, channel_budget, resume
 from .shutdown import until_stopped
 
 log = logging.getLogger(__name__)
@@ -32,20 +33,34 @@ def intents() -> discord.Intents:
 class PioneerBot(discord.Client):
     """The Discord client: listeners from bots.discord_listeners, replies through `core`."""
 
-    def __init__(self, core, **options):
+    def __init__(self, core, *, recover: bool = False, **options):
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice here
         super().__init__(intents=intents(), allowed_mentions=NO_MENTIONS, **options)
         self.core = core
         self.tree = app_commands.CommandTree(self)
         self.budget = channel_budget()  # shared by every reply in a channel
         self.joined_threads: set[int] = set()
+        self.recover_on_start = recover  # finish the replies cut off at the last stop, once connected
+        self.recovery: asyncio.Task | None = None
         discord_listeners.register(self)
 
     async def setup_hook(self) -> None:
         await self.tree.sync()
+        if self.recover_on_start:
+            self.recovery = asyncio.create_task(self.recover_replies())
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s) in %d guild(s)", self.user, self.user.id, len(self.guilds))
+
+    async def recover_replies(self) -> None:
+        """Once connected: finish, or mark interrupted, the replies cut off at the last stop."""
+        await self.wait_until_ready()
+        await self.core.recover("discord", functools.partial(resume, self, self.budget))
+
+    async def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.cancel()  # what it did not get to stays pending, for the next start
+        await super().close()
 
 
 def use_endpoints(settings) -> None:
@@ -62,7 +77,7 @@ async def run(settings) -> None:
 
     use_endpoints(settings)
     service = await build_service(settings)
-    bot = PioneerBot(service.core)
+    bot = PioneerBot(service.core, recover=True)
     connection = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
     stopped = asyncio.create_task(until_stopped())
     try:

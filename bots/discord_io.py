@@ -6,7 +6,8 @@ import contextlib
 import discord
 
 from .edits import RateBudget, RateLimited
-from .memory import Place
+from .memory import PendingReply, Place
+from .recovery import Resumed
 
 MESSAGE_LIMIT = 2000
 NO_MENTIONS = discord.AllowedMentions.none()
@@ -57,6 +58,23 @@ class ChannelSink:
 
     async def edit(self, ref: discord.Message, text: str) -> None:
         await guarded(ref.edit(content=text, allowed_mentions=NO_MENTIONS))
+
+    def locate(self) -> dict | None:
+        """Where this reply is shown, for a restarted front-end (see resume)."""
+        if not self.posted:
+            return None
+        return {"channel_id": str(self.channel.id), "message_ids": [str(message.id) for message in self.posted]}
+
+
+async def resume(client: discord.Client, budget: RateBudget, pending: PendingReply) -> Resumed:
+    """Where a reply left pending at the last stop is shown (ConversationCore.recover). A reply with no message
+    yet (a slash command's, or one cut off before its first words) continues in a new message in its place."""
+    location = pending.platform_message_ref or {}
+    channel_id = int(location.get("channel_id") or pending.place.thread_id or pending.place.channel_id)
+    channel = client.get_partial_messageable(channel_id)
+    sink = ChannelSink(channel)
+    sink.posted = [channel.get_partial_message(int(m)) for m in location.get("message_ids", [])]
+    return Resumed(sink, list(sink.posted), MESSAGE_LIMIT, budget=budget, scope=channel_id)
 
 
 class InteractionSink:

@@ -94,7 +94,7 @@ class StreamMetrics:
 @dataclass
 class _Message:
     ref: Any
-    shown: str
+    shown: str | None  # None: unknown (adopted after a restart)
     last_call: float
 
 
@@ -134,6 +134,14 @@ class ReplyStreamer:
         self._error: Exception | None = None
         self._closed = self._done = False
 
+    def adopt(self, refs: list[Any]) -> None:
+        """Continue messages posted before a restart (oldest first). Their text is unknown here, so each
+        is rewritten by the next finish() or fail()."""
+        self._check_open()
+        if self._messages:
+            raise RuntimeError("adopt() comes before anything is posted")
+        self._messages = [_Message(ref, None, float("-inf")) for ref in refs]
+
     async def start(self, placeholder: str = "…") -> None:
         """Post a placeholder now, before any text arrives."""
         self._check_open()
@@ -151,14 +159,16 @@ class ReplyStreamer:
         text = full_text_so_far.lstrip()
         if not text or text == self._text:
             return
+        if not text.startswith(self._text[: self._frozen_upto]):
+            self._unfreeze()
         self._text = text
         self._wake.set()
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = asyncio.create_task(self._pump())
 
     async def finish(self, final_text: str, footer: str | None = None) -> None:
-        """Show the final text (and footer) without the typing marker, waiting out rate limits.
-        final_text must extend the streamed text, give or take surrounding whitespace."""
+        """Show the final text (and footer) without the typing marker, waiting out rate limits. final_text
+        normally extends the streamed text; one that does not (a rewritten reply) is laid out afresh."""
         self._check_open()
         final_text = final_text.lstrip()
         async with self._io:
@@ -166,7 +176,7 @@ class ReplyStreamer:
             if self._error:
                 raise self._error
             if not final_text.startswith(self._text[: self._frozen_upto]):
-                raise ValueError("final_text must extend the text already sent in finished messages")
+                self._unfreeze()
             if not final_text[self._frozen_upto :].strip():
                 raise ValueError("final_text is empty")
             self._closed = True
@@ -185,6 +195,11 @@ class ReplyStreamer:
             for index, content in enumerate([*self._frozen, user_message]):
                 await self._land(index, content, is_reply_text=False)
         self._done = True
+
+    def _unfreeze(self) -> None:
+        """The reply was rewritten (a redelivered task, a fallback to another model): finished messages are
+        laid out again from the new text, in the same messages."""
+        self._frozen, self._frozen_upto = [], 0
 
     def _check_open(self) -> None:
         if self._closed:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from alembic import command
 from sqlalchemy import delete, func, select, update
+from sqlalchemy import exc as sql_errors
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -30,6 +34,9 @@ from migrations import alembic_config
 
 FAILURE_STATUSES = ("interrupted", "failed")
 DISPLAY_NAME_MAX = 200
+RETRY_S = 15.0  # how long a call waits out an unreachable or restarting database before it fails
+
+log = logging.getLogger(__name__)
 
 # Alembic keeps its running context in module globals: one upgrade at a time per process.
 _migration_lock = threading.Lock()
@@ -88,6 +95,41 @@ async def migrate(database_url: str | URL) -> None:
     await asyncio.to_thread(run_migrations, database_url)
 
 
+def user_message_key(request_id: str) -> str:
+    """The request_id column of a user's message: derived from its reply's, which is unique too."""
+    return f"{request_id}:user"
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure that a later try may not meet: the database unreachable, restarting, or its connection lost."""
+    if isinstance(error, (OSError, TimeoutError)):
+        return True
+    if isinstance(error, sql_errors.DBAPIError):
+        return error.connection_invalidated or isinstance(error, (sql_errors.OperationalError,
+                                                                  sql_errors.InterfaceError))
+    return False
+
+
+def retried(method):
+    """Run an idempotent Memory call again while the database is briefly away (a restart), for up to retry_s."""
+
+    @functools.wraps(method)
+    async def call(self, *args, **kwargs):
+        deadline, pause = time.monotonic() + self.retry_s, 0.1
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as error:
+                if not is_transient(error) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("database unavailable (%s: %s); trying %s again in %.1f s",
+                            type(error).__name__, str(error)[:200], method.__name__, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    return call
+
+
 def _aware(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; every stored time is UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
@@ -96,9 +138,10 @@ def _aware(moment: datetime) -> datetime:
 class Memory:
     """Async store of users, conversations, messages and usage."""
 
-    def __init__(self, database_url: str | URL, *, auto_migrate: bool = True) -> None:
+    def __init__(self, database_url: str | URL, *, auto_migrate: bool = True, retry_s: float = RETRY_S) -> None:
         self.url = async_url(database_url)
         self.auto_migrate = auto_migrate
+        self.retry_s = retry_s  # the reply path's calls ride out a database restart this long
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
 
@@ -194,19 +237,26 @@ class Memory:
             update(Conversation).where(Conversation.id == conversation_id)
             .values(updated_at=utcnow()).execution_options(synchronize_session=False))
 
+    @retried
     async def add_user_message(self, place: Place, user_id: str, text: str, token_count: int,
-                               display_name: str | None = None) -> int:
-        """Store what the user said; returns the message id."""
+                               display_name: str | None = None, request_id: str | None = None) -> int:
+        """Store what the user said; returns the message id. With the request_id of its reply, storing it
+        again (a retry after a lost connection) keeps one row."""
+        key = None if request_id is None else user_message_key(request_id)
         async with self._session() as session, session.begin():
             conversation_id = await self._conversation_id(session, place, user_id, display_name)
             message_id = await session.scalar(
                 self._insert(Message).values(
-                    conversation_id=conversation_id, role="user", content=text,
+                    conversation_id=conversation_id, role="user", content=text, request_id=key,
                     token_count=token_count, status="complete", created_at=utcnow())
+                .on_conflict_do_nothing(index_elements=["request_id"])
                 .returning(Message.id))
+            if message_id is None:
+                return await session.scalar(select(Message.id).where(Message.request_id == key))
             await self._touch(session, conversation_id)
             return message_id
 
+    @retried
     async def begin_reply(self, place: Place, user_id: str, request_id: str,
                           platform_message_ref: dict[str, Any] | None = None) -> int:
         """Create the pending assistant row of request_id (or return the existing one's id)."""
@@ -233,6 +283,7 @@ class Memory:
                 .execution_options(synchronize_session=False))
             return result.rowcount > 0
 
+    @retried
     async def finish_reply(self, request_id: str, content: str, token_count: int,
                            method: str | None, confidence: float | None,
                            latency_ms: int | None) -> int:
@@ -259,6 +310,7 @@ class Memory:
                 raise UnknownRequest(request_id)
             return message_id
 
+    @retried
     async def fail_reply(self, request_id: str, status: str, content: str = "") -> bool:
         """Mark an unfinished reply 'interrupted' or 'failed', keeping any partial content.
 
@@ -274,6 +326,7 @@ class Memory:
                 .execution_options(synchronize_session=False))
             return result.rowcount > 0
 
+    @retried
     async def pending_replies(self, platform: str) -> list[PendingReply]:
         """Replies on this platform still pending, oldest first, for a restarted front-end."""
         async with self._session() as session:
@@ -296,6 +349,7 @@ class Memory:
                     created_at=_aware(row.created_at))
                 for row in rows]
 
+    @retried
     async def history(self, place: Place, user_id: str, limit: int = 200) -> list[StoredMessage]:
         """The last `limit` complete messages of this user in this place, oldest first."""
         async with self._session() as session:
@@ -312,6 +366,7 @@ class Memory:
                               row.confidence, _aware(row.created_at))
                 for row in reversed(rows)]
 
+    @retried
     async def settings(self, place: Place, user_id: str) -> ConversationSettings:
         async with self._session() as session:
             conversation_id = await self._find_conversation_id(session, place, user_id)

@@ -10,7 +10,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from .core import ConversationCore, Incoming
 from .edits import RateBudget, RateLimited
-from .memory import Place
+from .memory import PendingReply, Place
+from .recovery import Resumed
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,22 @@ class SlackSink:
         self.lead = lead  # shown above the first part, e.g. the question of a slash command
         self.placeholder_ts: str | None = None
         self.first_ts: str | None = None
+        self.posted: list[str] = []  # ts of every message of this reply, the placeholder first
 
     async def open(self) -> None:
         self.placeholder_ts = await self._post(self.lead + PLACEHOLDER)
+
+    def locate(self) -> dict | None:
+        """Where this reply is shown, for a restarted front-end (see adopt)."""
+        if not self.posted:
+            return None
+        return {"channel": self.channel, "thread_ts": self.thread_ts, "ts": list(self.posted), "lead": self.lead}
+
+    def adopt(self, location: dict) -> list[str]:
+        """Take over the messages of a reply shown before a restart; returns their refs, oldest first."""
+        self.posted = list(location.get("ts") or [])
+        self.placeholder_ts = self.first_ts = self.posted[0] if self.posted else None
+        return list(self.posted)
 
     async def post(self, text: str) -> str:
         if self.first_ts is None and self.placeholder_ts is not None:
@@ -91,6 +105,7 @@ class SlackSink:
         response = await guarded(self.client.chat_postMessage(
             channel=self.channel, text=neutralise(text), thread_ts=self.thread_ts,
             unfurl_links=False, unfurl_media=False))
+        self.posted.append(response["ts"])
         return response["ts"]
 
 
@@ -126,6 +141,15 @@ class SlackFrontEnd:
                     await respond(text=NOT_IN_CHANNEL if not_in_channel else SORRY, response_type="ephemeral")
             elif not not_in_channel:
                 await sink.apologise()
+
+    async def resume(self, pending: PendingReply) -> Resumed:
+        """Where a reply left pending at the last stop is shown (ConversationCore.recover)."""
+        location = pending.platform_message_ref or {}
+        channel = location.get("channel") or pending.place.channel_id
+        thread_ts = location.get("thread_ts", pending.place.thread_id or None)
+        sink = SlackSink(self.client, self.posts, channel, thread_ts=thread_ts, lead=location.get("lead", ""))
+        return Resumed(sink, sink.adopt(location), MESSAGE_LIMIT, budget=self.updates,
+                       scope=pending.place.workspace_id, min_interval_s=MIN_EDIT_INTERVAL_S)
 
     def remember_thread(self, channel: str, thread_ts: str) -> None:
         self.threads[(channel, thread_ts)] = None

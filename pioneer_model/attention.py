@@ -99,9 +99,9 @@ class KVCache(nn.Module):
         start, end = self.length, self.length + kv_new.size(3)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > {self.max_len}")
-        self.kv[:, :, :, start:end] = kv_new
+        self.kv.narrow(3, start, end - start).copy_(kv_new)
         self.length = end
-        return self.kv[:, :, :, :end].unbind(0)
+        return self.kv.narrow(3, 0, end).unbind(0)
 
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append new keys/values (batch, heads, new, head_dim); return all keys/values seen so far."""

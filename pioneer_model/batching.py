@@ -19,7 +19,8 @@ class Sequence:
     top_p: float | None = None
     eos_token_id: int | None = None
     generator: torch.Generator | None = None
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # (layers, heads, P, head_dim) k, v of prompt[:P]
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # cached (k, v) chunks of the prompt's start,
+    # each (layers, heads, chunk, head_dim)
     memory: torch.Tensor | None = None  # encoder-decoder: the encoder output (1, S, dim), if already known
     reused: int = 0  # prompt tokens whose keys/values (or encoder output) came from a cache
     tokens: list[int] = field(default_factory=list)
@@ -37,7 +38,7 @@ class Sequence:
 
     @property
     def prefix_len(self) -> int:
-        return 0 if self.prefix is None else self.prefix[0].size(2)
+        return sum(k.size(2) for k, _ in self.prefix or ())
 
 
 def make_sequence(config, ids, max_new_tokens: int, **kwargs) -> Sequence:
@@ -144,11 +145,12 @@ class BatchDecoder:
         model, c = self.model, self.model.config
         row, device = len(self.active), model.device
         if c.decoder_only:
-            start = seq.prefix_len
-            if start:
-                k, v = seq.prefix
-                self.cache.k[:, row, :, :start] = k.to(device, self.cache.k.dtype)
-                self.cache.v[:, row, :, :start] = v.to(device, self.cache.v.dtype)
+            start = 0
+            for k, v in seq.prefix or ():
+                end = start + k.size(2)
+                self.cache.k[:, row, :, start:end] = k.to(device, self.cache.k.dtype)
+                self.cache.v[:, row, :, start:end] = v.to(device, self.cache.v.dtype)
+                start = end
             ids = torch.tensor([seq.prompt[start:]], dtype=torch.long, device=device)
             hidden = model.decode(ids, kv_caches=self.cache.row_caches(row, start))
             self.cache.lengths[row] = len(seq.prompt)

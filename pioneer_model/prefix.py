@@ -4,6 +4,8 @@ Chunk i of a prompt (its tokens i*C .. (i+1)*C) is stored under key_i = H(key_{i
 with key_{-1} = H(namespace, C), so one key names the whole prefix up to and including that chunk. Its value
 is safetensors bytes {"ids", "k", "v"} (k, v: (layers, heads, C, head_dim)); a small marker entry holding
 the value's length and CRC32 is written after it, so a reader never trusts a half-written or damaged chunk.
+The prompt's last, partial chunk is stored too, under "tail" of the chain key before it: a follow-up whose
+tokens continue with it reuses it, so only the new turn is prefilled, not up to C - 1 tokens more.
 A missing, mismatched or undecodable chunk ends the prefix there (a miss), never an error.
 Encoder-decoder models cache the encoder output of an exact source under H(namespace, "encoder", ids).
 """
@@ -17,6 +19,7 @@ import torch
 from .cache import CacheStorage, cache_key, decode_tensors, encode_tensors
 
 DEFAULT_CHUNK_TOKENS = 64
+FETCH_GROUP = 4  # chunk values fetched per round trip: Redis streams a few large values faster than many at once
 
 
 class PrefixCache:
@@ -26,76 +29,104 @@ class PrefixCache:
         if chunk_tokens < 1:
             raise ValueError("chunk_tokens must be at least 1")
         self.storage, self.namespace, self.chunk_tokens = storage, namespace, chunk_tokens
-        self.stats = {"chunk_hits": 0, "chunk_misses": 0, "chunks_damaged": 0, "chunks_written": 0,
-                      "encoder_hits": 0, "encoder_misses": 0}
+        self.root = cache_key(namespace, "prefix", chunk_tokens)
+        self.stats = {"chunk_hits": 0, "chunk_misses": 0, "tail_hits": 0, "chunks_damaged": 0,
+                      "chunks_written": 0, "encoder_hits": 0, "encoder_misses": 0}
         self._lock = threading.Lock()
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
-            self.stats[name] += amount
+            self.stats[name] = self.stats.get(name, 0) + amount
 
     def chunk_keys(self, ids: list[int], limit: int | None = None) -> list[str]:
         """Chained keys of the full chunks among ids[:limit]."""
         c = self.chunk_tokens
         n = (len(ids) if limit is None else min(limit, len(ids))) // c
-        keys, key = [], cache_key(self.namespace, "prefix", c)
+        keys, key = [], self.root
         for i in range(n):
             key = cache_key(key, torch.tensor(ids[i * c:(i + 1) * c], dtype=torch.long))
             keys.append(key)
         return keys
 
-    def lookup(self, ids: list[int], limit: int | None = None):
-        """(k, v) of the longest cached chunk prefix of ids[:limit], each (layers, heads, P, head_dim), or None."""
-        ks, vs, c = [], [], self.chunk_tokens
-        keys = self.chunk_keys(ids, limit)
-        for i, key in enumerate(keys):
-            chunk = self._read(key, ids[i * c:(i + 1) * c])
-            if chunk is None:
-                break
-            ks.append(chunk["k"])
-            vs.append(chunk["v"])
-        self.count("chunk_hits", len(ks))
-        self.count("chunk_misses", len(keys) - len(ks))
-        if not ks:
-            return None
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    def entry_names(self, ids: list[int]) -> list[str]:
+        """Every storage key (data and marker) that chunks of this prompt may occupy."""
+        chains = [self.root, *self.chunk_keys(ids)]
+        return [f"prefix:{k}{part}" for k in chains[1:] for part in ("", ":ok")] + \
+               [f"prefix:{k}:tail{part}" for k in chains for part in ("", ":ok")]
 
-    def _read(self, key: str, chunk_ids: list[int]) -> dict[str, torch.Tensor] | None:
-        marker = self.storage.get(f"prefix:{key}:ok")
-        if marker is None:
-            return None
-        data = self.storage.get(f"prefix:{key}")
+    def lookup(self, ids: list[int], limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The longest cached prefix of ids[:limit]: (k, v) pieces, each (layers, heads, tokens, head_dim): full
+        chunks, then maybe a partial one; empty on a miss."""
+        limit = len(ids) if limit is None else min(limit, len(ids))
+        keys, c = self.chunk_keys(ids, limit), self.chunk_tokens
+        markers = self._get_many([f"prefix:{key}:ok" for key in keys])
+        present = next((i for i, m in enumerate(markers) if m is None), len(keys))
+        pieces = []
+        for start in range(0, present, FETCH_GROUP):
+            group = [f"prefix:{key}" for key in keys[start:min(present, start + FETCH_GROUP)]]
+            for i, (name, data) in enumerate(zip(group, self._get_many(group)), start):
+                chunk = self._check(name, markers[i], data, lambda got, i=i: got == ids[i * c:(i + 1) * c])
+                if chunk is None:
+                    break
+                pieces.append((chunk["k"], chunk["v"]))
+            if len(pieces) < min(present, start + FETCH_GROUP):
+                break
+        self.count("chunk_hits", len(pieces))
+        self.count("chunk_misses", len(keys) - len(pieces))
+        if len(pieces) == present and len(pieces) * c < limit:  # the chain ended cleanly: a partial chunk?
+            name = f"prefix:{keys[len(pieces) - 1] if pieces else self.root}:tail"
+            marker, data = self._get_many([name + ":ok", name])
+            rest = ids[len(pieces) * c:limit]
+            tail = None if marker is None else self._check(name, marker, data, lambda got: True)
+            shared = 0 if tail is None else common_prefix(tail["ids"].tolist(), rest)
+            if shared:  # keys/values of a position depend only on the tokens up to it: any shared start is valid
+                pieces.append((tail["k"][:, :, :shared], tail["v"][:, :, :shared]))
+                self.count("tail_hits")
+        return pieces
+
+    def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        get_many = getattr(self.storage, "get_many", None)  # one round trip where the storage offers it
+        return get_many(keys) if get_many is not None else [self.storage.get(k) for k in keys]
+
+    def _check(self, name: str, marker: bytes, data: bytes | None, accept) -> dict | None:
+        """The entry if its data matches its marker and `accept` takes its token ids; damaged ones are deleted."""
         if data is None:
             return None
         try:
             size, crc = (int(x) for x in marker.split(b":"))
             if len(data) != size or zlib.crc32(data) != crc:
                 raise ValueError("length or checksum differs from the marker")
-            chunk = decode_tensors(data)
-            if chunk["ids"].tolist() != chunk_ids or chunk["k"].shape != chunk["v"].shape \
-                    or chunk["k"].size(2) != len(chunk_ids):
-                raise ValueError("chunk holds other tokens or shapes")
+            entry = decode_tensors(data)
+            if entry["k"].shape != entry["v"].shape or entry["k"].size(2) != entry["ids"].numel():
+                raise ValueError("malformed entry")
         except Exception:  # damaged: forget it, recompute from here
             self.count("chunks_damaged")
-            self.storage.delete(f"prefix:{key}:ok")
-            self.storage.delete(f"prefix:{key}")
+            self.storage.delete(name + ":ok")
+            self.storage.delete(name)
             return None
-        return chunk
+        return entry if accept(entry["ids"].tolist()) else None
 
     def store(self, ids: list[int], k: torch.Tensor, v: torch.Tensor, first_chunk: int = 0) -> int:
-        """Write chunks first_chunk.. of ids, given k, v (layers, heads, T, head_dim) of positions
-        first_chunk * C .. T; data before marker. Returns how many chunks were written."""
+        """Write chunks first_chunk.. of ids, given k, v (layers, heads, T, head_dim) of positions first_chunk * C
+        .. first_chunk * C + T, and the partial chunk at the end; data before marker. Returns chunks written."""
         c, written = self.chunk_tokens, 0
-        keys = self.chunk_keys(ids, first_chunk * c + k.size(2))
+        end = first_chunk * c + k.size(2)
+        keys = self.chunk_keys(ids, end)
         for i in range(first_chunk, len(keys)):
-            lo, hi = (i - first_chunk) * c, (i - first_chunk + 1) * c
-            data = encode_tensors({"ids": torch.tensor(ids[i * c:(i + 1) * c], dtype=torch.long),
-                                   "k": k[:, :, lo:hi], "v": v[:, :, lo:hi]})
-            self.storage.put(f"prefix:{keys[i]}", data)
-            self.storage.put(f"prefix:{keys[i]}:ok", f"{len(data)}:{zlib.crc32(data)}".encode())
+            lo = (i - first_chunk) * c
+            self._put(f"prefix:{keys[i]}", ids[i * c:(i + 1) * c], k[:, :, lo:lo + c], v[:, :, lo:lo + c])
             written += 1
+        if end > len(keys) * c:
+            lo = len(keys) * c - first_chunk * c
+            self._put(f"prefix:{keys[-1] if keys else self.root}:tail", ids[len(keys) * c:end], k[:, :, lo:],
+                      v[:, :, lo:])
         self.count("chunks_written", written)
         return written
+
+    def _put(self, name: str, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        data = encode_tensors({"ids": torch.tensor(ids, dtype=torch.long), "k": k, "v": v})
+        self.storage.put(name, data)
+        self.storage.put(name + ":ok", f"{len(data)}:{zlib.crc32(data)}".encode())
 
     def encoder_key(self, src_ids: list[int]) -> str:
         return "encoder:" + cache_key(self.namespace, "encoder", torch.tensor(src_ids, dtype=torch.long))
@@ -121,6 +152,15 @@ class PrefixCache:
     def store_encoder(self, src_ids: list[int], memory: torch.Tensor) -> None:
         self.storage.put(self.encoder_key(src_ids),
                          encode_tensors({"ids": torch.tensor(src_ids, dtype=torch.long), "memory": memory}))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def time_ms(fn, repeats: int = 5) -> float:
@@ -149,11 +189,10 @@ def measure(model, storage: CacheStorage, chunk_tokens: int = DEFAULT_CHUNK_TOKE
     if c.decoder_only:
         compute = time_ms(lambda: model.decode(ids, kv_caches=model.new_kv_caches(1, ids.size(1))), repeats)
         kv = torch.randn(c.num_decoder_layers, c.attention_heads, ids.size(1), c.head_dim, dtype=dtype)
-        cache.store(ids_list, kv, kv)
+        cache.store(ids_list, kv, kv.clone())
         fetch = time_ms(lambda: cache.lookup(ids_list), repeats)
-        for key in cache.chunk_keys(ids_list):
-            storage.delete(f"prefix:{key}")
-            storage.delete(f"prefix:{key}:ok")
+        for name in cache.entry_names(ids_list):
+            storage.delete(name)
     else:
         compute = time_ms(lambda: model.encode(ids), repeats)
         cache.store_encoder(ids_list, torch.randn(1, ids.size(1), c.embedding_dim, dtype=dtype))

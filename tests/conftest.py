@@ -65,5 +65,5 @@ def worker_env(tmp_path, tiny_model_dir, redis_url):
     client.delete("pioneer")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ATTENTION_", "DATABASE_"))}
     env |= {"REDIS_URL": redis_url, "MODEL_PATH": str(tiny_model_dir), "PIONEER_DATA_DIR": str(tmp_path),
-            "MAX_NEW_TOKENS": "24", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+            "MAX_NEW_TOKENS": "24", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1", "METRICS_PORT": "0"}
     return env

@@ -76,6 +76,19 @@ def table(results: list[dict], calibration: Calibration) -> list[dict]:
     return rows
 
 
+def calibrate_default(path: Path, max_new_tokens: int, bins: int = 6) -> Calibration:
+    """Fit and save the calibration of a freshly trained default model (once, on first start)."""
+    print(f"Calibrating the hybrid router's confidence on {DATA.name} (about a minute)...", flush=True)
+    engine = LocalEngine.load(path, max_new_tokens=max_new_tokens)
+    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    results = evaluate(engine, [r for r in rows if r["split"] == "calibration"])
+    calibration = Calibration.fit([(r["raw"], r["adequate"]) for r in results if r["skipped"] is None], bins)
+    from .runtime import CALIBRATION_FILE
+
+    calibration.save(path / CALIBRATION_FILE)
+    return calibration
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="pioneer calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint directory (default: MODEL_PATH or the default model)")

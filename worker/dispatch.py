@@ -7,6 +7,8 @@ from .runtime import answer_request
 from .streams import MemoryStreamBus
 
 log = logging.getLogger(__name__)
+# Enqueueing retries for about 9 s, so a message sent while Redis restarts is answered rather than refused.
+PUBLISH_RETRY = {"max_retries": 10, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
 
 
 class CeleryDispatcher:
@@ -24,7 +26,7 @@ class CeleryDispatcher:
     async def submit(self, payload: dict) -> None:
         await asyncio.to_thread(
             self.app.send_task, self.task_name, args=[payload], task_id=payload["request_id"], queue=self.queue,
-            expires=self.task_expires_s,
+            expires=self.task_expires_s, retry=True, retry_policy=PUBLISH_RETRY,
         )
 
     async def queue_depth(self) -> int:

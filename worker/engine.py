@@ -68,7 +68,7 @@ class LocalEngine:
         self.cache = cache
         self.max_new_tokens = max_new_tokens
         self.name = name or model.config.name
-        self.precision = precision or getattr(model, "quantization", None) or dtype_name(model.tok_emb.weight.dtype)
+        self.precision = getattr(model, "quantization", None) or precision or dtype_name(model.tok_emb.weight.dtype)
         self.model_id = cache_key(self.name, model.config.to_dict(), model.tok_emb.weight.float(), self.precision)[:16]
         self.stats = EngineStats()
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight,
@@ -99,7 +99,9 @@ class LocalEngine:
                    precision=precision, **options)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode_chat([(m["role"], m["content"]) for m in messages])
+        """The chat prompt. System messages are left out: Pioneer's small models are trained on conversations
+        without one, and an unfamiliar preamble derails them (the OpenAI backend still gets it)."""
+        return self.tokenizer.encode_chat([(m["role"], m["content"]) for m in messages if m["role"] != "system"])
 
     def count_tokens(self, text: str) -> int:
         return self.tokenizer.count_tokens(text)
@@ -223,10 +225,9 @@ class LocalEngine:
         if self.prefix is None or not self.prefix_in_use(measure=False):
             return
         if self.model.config.decoder_only:
-            chunk = self.prefix.chunk_tokens
-            first, last = seq.reused // chunk, len(seq.prompt) // chunk
-            if last > first:
-                k, v = self.scheduler.decoder.prompt_kv(seq, first * chunk, last * chunk)
+            first = seq.reused // self.prefix.chunk_tokens
+            if seq.reused < len(seq.prompt) - 1:  # new chunks, and the partial one at the end
+                k, v = self.scheduler.decoder.prompt_kv(seq, first * self.prefix.chunk_tokens, len(seq.prompt))
                 self._write(self.prefix.store, seq.prompt, k, v, first)
         elif not seq.reused:
             self._write(self.prefix.store_encoder, seq.prompt, seq.memory.clone())

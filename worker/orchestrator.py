@@ -49,6 +49,16 @@ class OrchestratorResult:
     meta: ReplyMeta
 
 
+class Retract:
+    """Yielded by Orchestrator.stream(retract=True): the text so far is withdrawn; what follows replaces it."""
+
+    def __repr__(self) -> str:
+        return "RETRACT"
+
+
+RETRACT = Retract()
+
+
 class ReplyError(Exception):
     """A failure to show the user as is: short, polite, no internals."""
 
@@ -106,8 +116,12 @@ class Orchestrator:
     def calibrated(self, raw: float) -> float:
         return self.calibration(raw) if self.calibration is not None else raw
 
-    async def stream(self, messages, mode: str | None = None) -> AsyncIterator[str | ReplyMeta]:
-        """Yield text deltas, then one ReplyMeta. Raises ReplyError when no answer can be given."""
+    async def stream(self, messages, mode: str | None = None, *,
+                     retract: bool = False) -> AsyncIterator[str | ReplyMeta | Retract]:
+        """Yield text deltas, then one ReplyMeta. Raises ReplyError when no answer can be given.
+
+        retract=True: when OpenAI fails after some text in hybrid mode, yield RETRACT and then the local model's
+        reply (the caller can take text back); otherwise that failure is a ReplyError."""
         mode = mode or self.mode
         if mode not in MODES:
             raise ReplyError("bad_mode", f"Unknown mode {mode!r}: use local, openai or hybrid.")
@@ -163,8 +177,10 @@ class Orchestrator:
             return
         except BackendError as error:
             log.warning("openai failed (%s); hybrid falls back to the local model", error.kind)
-            if sent_any:
+            if sent_any and not retract:
                 raise ReplyError(error.kind, error.user_message) from None
+            if sent_any:
+                yield RETRACT
             fallback = error.kind
         if local is None:
             local = await asyncio.to_thread(self.engine.reply, messages)
@@ -223,9 +239,11 @@ class Orchestrator:
 
     async def complete(self, messages, mode: str | None = None) -> OrchestratorResult:
         parts, meta = [], None
-        async for item in self.stream(messages, mode):
+        async for item in self.stream(messages, mode, retract=True):
             if isinstance(item, ReplyMeta):
                 meta = item
+            elif item is RETRACT:
+                parts.clear()
             else:
                 parts.append(item)
         text = "".join(parts).strip()

@@ -13,7 +13,7 @@ from pioneer_model import AttentionCache
 from . import metrics
 from .engine import LocalEngine
 from .openai_backend import OpenAIBackend
-from .orchestrator import Orchestrator, ReplyError, ReplyMeta
+from .orchestrator import RETRACT, Orchestrator, ReplyError, ReplyMeta
 from .routing import Calibration
 from .settings import WorkerSettings, get_worker_settings
 
@@ -63,6 +63,10 @@ def build_orchestrator(settings: WorkerSettings | None = None, engine: LocalEngi
     if engine is None:
         path = resolve_model_path(settings)
         calibration = Calibration.load(path / CALIBRATION_FILE)
+        if calibration is None and path == settings.pioneer_data_dir / "models" / "default":
+            from .calibrate import calibrate_default
+
+            calibration = calibrate_default(path, settings.max_new_tokens)
         engine_source = engine or (lambda: build_engine(settings, build_cache(settings)))
     else:
         engine_source = engine
@@ -71,31 +75,64 @@ def build_orchestrator(settings: WorkerSettings | None = None, engine: LocalEngi
 
 
 async def answer_request(payload: dict, orchestrator: Orchestrator, publisher) -> str:
-    """Answer one queued request into its reply stream. Returns how it ended: final, error or duplicate."""
+    """Answer one queued request into its reply stream. Returns how it ended: final, error, duplicate (answered
+    already), or busy (a live attempt elsewhere holds the request's lease: a redelivered copy of a running task)."""
     request_id = payload["request_id"]
     if publisher.is_finished(request_id):
         return "duplicate"
     attempt = uuid.uuid4().hex[:12]
-    seq, meta, started = 0, None, time.perf_counter()
+    if not publisher.claim(request_id, attempt, LEASE_S):
+        return "busy"
+    lease = asyncio.create_task(keep_lease(publisher, request_id, attempt))
+    try:
+        if publisher.is_finished(request_id):  # the holder before us finished between the two checks
+            return "duplicate"
+        return await _answer(payload, orchestrator, publisher, attempt)
+    finally:
+        lease.cancel()
+        try:
+            publisher.release(request_id, attempt)
+        except Exception as exc:  # Redis away: the lease lapses by itself within LEASE_S
+            log.warning("could not release the lease on %s: %s", request_id, exc)
+
+
+async def keep_lease(publisher, request_id: str, attempt: str) -> None:
+    """Renew the lease every LEASE_S / 3 while the attempt runs (off the event loop: Redis may be slow)."""
+    while True:
+        await asyncio.sleep(LEASE_S / 3)
+        try:
+            if not await asyncio.to_thread(publisher.renew, request_id, attempt, LEASE_S):
+                log.warning("lost the lease on request %s: another attempt may answer it too", request_id)
+                return
+        except Exception as exc:
+            log.warning("could not renew the lease on request %s: %s", request_id, exc)
+
+
+async def _answer(payload: dict, orchestrator: Orchestrator, publisher, attempt: str) -> str:
+    request_id = payload["request_id"]
+    seq, meta, started, retracted, writing = 0, None, time.perf_counter(), 0, attempt
     if payload.get("enqueued_at"):
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - payload["enqueued_at"]))
     metrics.IN_PROGRESS.inc()
     try:
-        async for item in orchestrator.stream(payload["messages"], payload.get("mode")):
+        async for item in orchestrator.stream(payload["messages"], payload.get("mode"), retract=True):
             if isinstance(item, ReplyMeta):
                 meta = item
+            elif item is RETRACT:  # a new attempt on the stream: readers drop the text of the old one
+                retracted += 1
+                writing, seq = f"{attempt}.{retracted}", 0
             else:
                 seq += 1
-                publisher.chunk(request_id, attempt, seq, item)
-        publisher.final(request_id, attempt, meta.to_dict())
+                publisher.chunk(request_id, writing, seq, item)
+        publisher.final(request_id, writing, meta.to_dict())
         count_reply(meta, time.perf_counter() - started)
         return "final"
     except ReplyError as error:
-        publisher.error(request_id, attempt, error.user_message, error.kind)
+        publisher.error(request_id, writing, error.user_message, error.kind)
         metrics.ERRORS.labels(error.kind).inc()
     except Exception:
         log.exception("request %s failed", request_id)
-        publisher.error(request_id, attempt, INTERNAL_ERROR, "internal")
+        publisher.error(request_id, writing, INTERNAL_ERROR, "internal")
         metrics.ERRORS.labels("internal").inc()
     finally:
         metrics.IN_PROGRESS.dec()

@@ -1,9 +1,11 @@
 """The engine's scheduler: one thread runs continuous batching for every request of this worker process."""
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 
 import torch
@@ -12,6 +14,7 @@ from pioneer_model.batching import BatchDecoder, Sequence
 
 log = logging.getLogger(__name__)
 DONE = object()
+_schedulers: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 
 
 class Ticket:
@@ -65,12 +68,17 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pioneer-scheduler", daemon=True)
                 self._thread.start()
+                _schedulers.add(self)
             self._cond.notify()
         return ticket
 
-    def close(self, timeout: float | None = 10.0) -> None:
+    def close(self, timeout: float | None = 10.0, cancel: bool = False) -> None:
+        """Stop after the requests in progress (cancel: drop them at the next step instead)."""
         with self._cond:
             self._closed = True
+            if cancel:
+                for ticket in [*self.waiting, *self.tickets.values()]:
+                    ticket.cancel()
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -162,13 +170,22 @@ class Scheduler:
         ticket.tokens.put(DONE)
 
     def _release(self, ticket: Ticket) -> None:
-        if self.tickets.pop(id(ticket.seq), None) is not None:
-            with self._cond:
+        with self._cond:
+            if self.tickets.pop(id(ticket.seq), None) is not None:
                 self.in_flight -= ticket.seq.reserved
 
     def _fail_all(self, exc: Exception) -> None:
         for seq in list(self.decoder.active):
             self.decoder.remove(seq)
-        for ticket in list(self.tickets.values()):
+        with self._cond:
+            tickets = list(self.tickets.values())
+        for ticket in tickets:
             self._release(ticket)
             ticket.tokens.put(RuntimeError(f"generation failed: {exc}"))
+
+
+@atexit.register
+def _stop_all() -> None:
+    """A daemon thread still inside torch when the interpreter exits aborts the process: stop them first."""
+    for scheduler in list(_schedulers):
+        scheduler.close(timeout=5.0, cancel=True)

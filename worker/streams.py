@@ -154,7 +154,10 @@ class ReplyAssembler:
 
 
 class RedisStreamBus(StreamBus):
-    """Reply streams as Redis Streams: XADD with MAXLEN ~ and EXPIRE on each write; XREAD BLOCK to follow."""
+    """Reply streams as Redis Streams: XADD with MAXLEN ~; XREAD BLOCK to follow.
+
+    A stream gets its TTL with its final (or error) record, or when a reader gives up on it: under memory pressure
+    Redis (maxmemory-policy volatile-lru) evicts keys that carry a TTL, and a reply in progress must not be one."""
 
     def __init__(
         self,
@@ -164,7 +167,7 @@ class RedisStreamBus(StreamBus):
         ttl_s: int = 3600,
         key_prefix: str = "pioneer:reply:",
         block_slice_s: float = 1.0,
-        publish_retries: int = 4,
+        publish_retries: int = 12,
         client_name: str = "pioneer-reply",
     ):
         self.url = url
@@ -178,7 +181,8 @@ class RedisStreamBus(StreamBus):
             decode_responses=True,
             socket_timeout=5,
             socket_connect_timeout=2,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), publish_retries),
+            # about 10 s of retries: a reply in progress rides out a Redis restart
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), publish_retries),
             client_name=f"{client_name}-publisher",
         )
 
@@ -193,8 +197,8 @@ class RedisStreamBus(StreamBus):
         key = self.key(request_id)
         with self._client.pipeline(transaction=True) as pipe:
             pipe.xadd(key, event.to_fields(), maxlen=self.maxlen, approximate=True)
-            pipe.expire(key, self.ttl_s)
             if event.is_terminal:
+                pipe.expire(key, self.ttl_s)
                 pipe.set(self.done_key(request_id), event.kind, ex=self.ttl_s)
             pipe.execute()
 
@@ -246,6 +250,7 @@ class RedisStreamBus(StreamBus):
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    await self._abandon(client, key)
                     raise StreamTimeout(f"no reply on {key} for {timeout_s} s")
                 block_ms = max(1, int(min(remaining, self.block_slice_s) * 1000))
                 try:
@@ -270,6 +275,13 @@ class RedisStreamBus(StreamBus):
                             return
         finally:
             await client.aclose()
+
+    async def _abandon(self, client: redis.asyncio.Redis, key: str) -> None:
+        """A stream nobody finished (its worker died, its task expired) expires like a finished one."""
+        try:
+            await client.expire(key, self.ttl_s, nx=True)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass
 
 
 class _MemoryStream:

@@ -1,5 +1,6 @@
 """/ask: acknowledge at once, then answer in the channel with the question quoted above the reply."""
 
+from ..core import clean_output
 from ..slack_io import neutralise
 
 QUOTED_CHARS = 200
@@ -8,7 +9,7 @@ QUOTED_CHARS = 200
 def register(app, front) -> None:
     @app.command("/ask")
     async def ask(ack, command, respond):
-        question = (command.get("text") or "").strip()
+        question = clean_output(command.get("text") or "").strip()  # it is quoted: no NUL, no override
         if not question:
             await ack("Ask me something, e.g. `/ask what is attention in a transformer?`")
             return

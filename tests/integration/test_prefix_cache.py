@@ -59,8 +59,9 @@ def test_follow_up_on_another_engine_reuses_the_prefix(tiny_model_dir, where, re
         ids = reader.prompt_ids(follow_up)
         assert reader.reply(follow_up).token_ids == cold(reader, ids)
         stats = reader.info()["prefix_cache"]
-        assert stats["chunk_hits"] >= len(writer.prompt_ids(first)) // CHUNK >= 2
-        assert stats["reused_tokens"] == stats["chunk_hits"] * CHUNK
+        assert stats["chunk_hits"] == len(writer.prompt_ids(first)) // CHUNK >= 2
+        assert stats["tail_hits"] == (len(writer.prompt_ids(first)) % CHUNK > 0)  # its last, partial chunk too
+        assert stats["reused_tokens"] == len(writer.prompt_ids(first))
     finally:
         writer.close()
         reader.close()

@@ -29,7 +29,8 @@ def rand(*shape, seed=0):
 
 
 def qkv(batch=2, heads=4, q_len=5, k_len=5, d_k=8):
-    return rand(batch, heads, q_len, d_k, seed=1), rand(batch, heads, k_len, d_k, seed=2), rand(batch, heads, k_len, d_k, seed=3)
+    q = rand(batch, heads, q_len, d_k, seed=1)
+    return q, rand(batch, heads, k_len, d_k, seed=2), rand(batch, heads, k_len, d_k, seed=3)
 
 
 def random_bool_mask(q_len, k_len, seed=0):

@@ -1,5 +1,6 @@
 """AttentionModel: shapes, config checks, generation (KV cache vs recompute), checkpoints, pre-trained embeddings."""
 
+import importlib
 import json
 import sys
 
@@ -22,6 +23,7 @@ from pioneer_model import (
     sample_next,
 )
 
+generate_module = importlib.import_module("pioneer_model.generate")  # the package's `generate` is the function
 VOCAB = 97
 NO_EOS = -1  # an id the model never produces, so every generation runs its full length
 
@@ -178,6 +180,31 @@ def test_left_padded_batch_equals_per_row_generate(model):
         alone = model.generate(row[None], max_new_tokens=8, eos_token_id=NO_EOS)
         new = alone[0, len(row):] if model.config.decoder_only else alone[0]
         assert torch.equal(out[i, -new.numel():], new), f"row {i}"
+
+
+@pytest.fixture
+def fixed_shapes_in_eager(monkeypatch):
+    """compile=True's fixed-shape caches and masks, run without compiling (fast)."""
+    monkeypatch.setattr(generate_module, "compiled_decode_step", lambda: generate_module.decode_step)
+
+
+def test_fixed_shape_decoding_equals_eager(model, fixed_shapes_in_eager):
+    rows = [ids(1, n, seed=n)[0] for n in (3, 7)]
+    batch, mask = left_pad(rows)
+    for kwargs in ({}, {"attention_mask": mask}):
+        expected = model.generate(batch, max_new_tokens=9, eos_token_id=NO_EOS, **kwargs)
+        assert torch.equal(model.generate(batch, max_new_tokens=9, eos_token_id=NO_EOS, compile=True, **kwargs),
+                           expected)
+    streamed = list(model.stream_generate(rows[1], max_new_tokens=6, eos_token_id=NO_EOS, compile=True))
+    assert [t for t, _ in streamed] == [t for t, _ in model.stream_generate(rows[1], 6, eos_token_id=NO_EOS)]
+
+
+def test_compiled_generate_equals_eager(decoder_only):
+    batch, mask = left_pad([ids(1, n, seed=n)[0] for n in (4, 6)])
+    for kwargs in ({}, {"attention_mask": mask}):  # one compilation serves both: same shapes
+        expected = decoder_only.generate(batch, max_new_tokens=8, eos_token_id=NO_EOS, **kwargs)
+        out = decoder_only.generate(batch, max_new_tokens=8, eos_token_id=NO_EOS, compile=True, **kwargs)
+        assert torch.equal(out, expected)
 
 
 def test_generate_trims_long_prompts(decoder_only):
