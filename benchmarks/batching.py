@@ -1,8 +1,9 @@
 """Continuous batching on the CPU: aggregate tokens/s of 1, 4, 8 and 16 concurrent requests through the engine,
 against the same requests one after another (stream_generate, the engine's former path) and against one thread
 per request each decoding alone (the former engine under a threads pool), interleaved; p50 time to first token;
-peak resident memory of a process serving 16 concurrent requests. Random `small` model. Prints one JSON object.
-Usage: python benchmarks/batching.py [--new-tokens 64] [--repeats 3] [--threads N]
+peak resident memory of a process serving 16 concurrent requests. Random `small` model; the baselines run the
+same model (same MODEL_PRECISION). Prints one JSON object.
+Usage: python benchmarks/batching.py [--new-tokens 64] [--repeats 3] [--threads N] [--precision auto|fp32|bf16|int8]
 """
 
 import argparse
@@ -94,9 +95,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def serve_16(model_dir: str, new_tokens: int) -> dict:
+def serve_16(model_dir: str, new_tokens: int, precision: str) -> dict:
     """Child process: load the engine, serve 16 concurrent requests, report peak memory."""
-    engine = LocalEngine.load(model_dir, max_new_tokens=new_tokens)
+    engine = LocalEngine.load(model_dir, max_new_tokens=new_tokens, precision=precision)
     batch = prompts(engine, 16)
     engine.tokenizer.eos_id = -1
     loaded = peak_rss_mb()
@@ -112,6 +113,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--serve-16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,11 +122,11 @@ def main():
     model_dir = Path(args.model_dir or Path(tempfile.gettempdir()) / "pioneer-bench-small")
     make_checkpoint(model_dir, "small")
     if args.serve_16:
-        print(json.dumps(serve_16(str(model_dir), args.new_tokens)))
+        print(json.dumps(serve_16(str(model_dir), args.new_tokens, args.precision)))
         return
 
     load_before = round(os.getloadavg()[0], 2)
-    engine = LocalEngine.load(model_dir, max_new_tokens=args.new_tokens)
+    engine = LocalEngine.load(model_dir, max_new_tokens=args.new_tokens, precision=args.precision)
     all_prompts = prompts(engine, max(LEVELS))
     engine.tokenizer.eos_id = -1  # every reply runs to --new-tokens, as in the baselines
     batched(engine, all_prompts[:4], 4)  # warm up
@@ -147,12 +149,14 @@ def main():
         result["levels"][str(level)] = row
     result["goal_4x_at_8"] = result["levels"]["8"]["speedup_vs_sequential"] >= 4.0
     engine.close()
-    child = subprocess.run([sys.executable, __file__, "--serve-16", "--model-dir", str(model_dir),
-                            "--new-tokens", str(args.new_tokens)] + (["--threads", str(args.threads)]
-                                                                      if args.threads else []),
-                           capture_output=True, text=True, check=True)
+    command = [sys.executable, __file__, "--serve-16", "--model-dir", str(model_dir), "--new-tokens",
+               str(args.new_tokens), "--precision", args.precision]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    child = subprocess.run(command, capture_output=True, text=True, check=True)
     result["memory_serving_16"] = json.loads(child.stdout.strip().splitlines()[-1])
     result["settings"] = {"model": "small (random)", "parameters": engine.model.num_parameters(),
+                          "precision": engine.precision,
                           "new_tokens": args.new_tokens, "repeats": args.repeats, "statistic": "median",
                           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "load_average_before": load_before, "load_average_after": round(os.getloadavg()[0], 2)}

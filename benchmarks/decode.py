@@ -3,7 +3,9 @@
 Both models get the same random weights (the GPT-2 directory is loaded with AttentionModel.from_pretrained),
 so their greedy tokens must agree. Prints one JSON object with median tokens/s of each, the ratio, the
 machine's streaming bandwidth and the token rate that bandwidth allows.
-Usage: python benchmarks/decode.py [--new-tokens 128] [--repeats 7] [--compile]
+Usage: python benchmarks/decode.py [--new-tokens 128] [--repeats 7] [--compile] [--native] [--threads N]
+Decoding streams every weight once per token, so it is bound by memory bandwidth; on a shared machine, two
+OpenMP threads that spin-wait for a busy core can be several times slower than one (OMP_WAIT_POLICY=PASSIVE helps).
 """
 
 import argparse

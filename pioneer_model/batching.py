@@ -54,56 +54,64 @@ def make_sequence(config, ids, max_new_tokens: int, **kwargs) -> Sequence:
 class RowCache:
     """One layer's cache seen as a batch of one row, for prefilling that row (the KVCache interface)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int, length: int = 0):
-        self.k, self.v, self.row, self.length = k, v, row, length
+    def __init__(self, kv: torch.Tensor, row: int, length: int = 0):
+        self.kv, self.row, self.length = kv, row, length  # kv: (2, rows, heads, max_len, head_dim)
 
     def append(self, kv_new: torch.Tensor):
         start, end = self.length, self.length + kv_new.size(3)
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache overflow: {end} positions > {self.k.size(2)}")
-        self.k[self.row, :, start:end] = kv_new[0, 0]
-        self.v[self.row, :, start:end] = kv_new[1, 0]
+        if end > self.kv.size(3):
+            raise ValueError(f"KV cache overflow: {end} positions > {self.kv.size(3)}")
+        self.kv[:, self.row, :, start:end] = kv_new[:, 0]
         self.length = end
-        return self.k[self.row:self.row + 1, :, :end], self.v[self.row:self.row + 1, :, :end]
+        return self.kv[:, self.row:self.row + 1, :, :end].unbind(0)
 
 
 class StepCache:
     """One layer's cache for a decoding step of rows 0..n-1: row i's new key/value goes to position pos[i]."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, width: int):
-        self.k, self.v, self.rows, self.pos, self.width = k, v, rows, pos, width
+    def __init__(self, kv: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, same_pos: int | None, width: int):
+        self.kv, self.rows, self.pos, self.same_pos, self.width = kv, rows, pos, same_pos, width
 
     def append(self, kv_new: torch.Tensor):
-        self.k[self.rows, :, self.pos] = kv_new[0, :, :, 0]
-        self.v[self.rows, :, self.pos] = kv_new[1, :, :, 0]
         n = self.rows.size(0)
-        return self.k[:n, :, :self.width], self.v[:n, :, :self.width]
+        if self.same_pos is not None:  # every row at one position: a plain copy
+            self.kv[:, :n, :, self.same_pos] = kv_new[:, :, :, 0]
+        else:
+            self.kv[:, self.rows, :, self.pos] = kv_new[:, :, :, 0].transpose(0, 1)
+        return self.kv[:, :n, :, :self.width].unbind(0)
 
 
 class BatchKVCache:
-    """Keys and values of up to `rows` sequences for every layer, (layers, rows, heads, max_len, head_dim)."""
+    """Keys and values of up to `rows` sequences for every layer, (layers, 2, rows, heads, max_len, head_dim)."""
 
     def __init__(self, layers, rows, heads, max_len, head_dim, dtype=torch.float32, device=None):
-        shape = (layers, rows, heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros(layers, 2, rows, heads, max_len, head_dim, dtype=dtype, device=device)
         self.lengths = [0] * rows
+        self._rows = torch.arange(rows, device=device)
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
     def row_caches(self, row: int, length: int = 0) -> list[RowCache]:
-        return [RowCache(self.k[i], self.v[i], row, length) for i in range(self.k.size(0))]
+        return [RowCache(layer, row, length) for layer in self.kv]
 
-    def step_caches(self, pos: torch.Tensor, width: int) -> list[StepCache]:
-        rows = torch.arange(pos.size(0), device=pos.device)
-        return [StepCache(self.k[i], self.v[i], rows, pos, width) for i in range(self.k.size(0))]
+    def step_caches(self, pos: torch.Tensor, width: int, same_pos: int | None) -> list[StepCache]:
+        rows = self._rows[:pos.size(0)]
+        return [StepCache(layer, rows, pos, same_pos, width) for layer in self.kv]
+
+    def write(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put known keys and values (layers, heads, T, head_dim) at positions start..start + T of a row."""
+        end = start + k.size(2)
+        self.kv[:, 0, row, :, start:end] = k.to(self.kv.device, self.kv.dtype)
+        self.kv[:, 1, row, :, start:end] = v.to(self.kv.device, self.kv.dtype)
+
+    def read(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[:, 0, row, :, start:end], self.kv[:, 1, row, :, start:end]
 
     def move(self, src: int, dst: int) -> None:
         end = self.lengths[src]
-        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
-        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.kv[:, :, dst, :, :end] = self.kv[:, :, src, :, :end]
         self.lengths[dst] = end
 
 
@@ -147,10 +155,8 @@ class BatchDecoder:
         if c.decoder_only:
             start = 0
             for k, v in seq.prefix or ():
-                end = start + k.size(2)
-                self.cache.k[:, row, :, start:end] = k.to(device, self.cache.k.dtype)
-                self.cache.v[:, row, :, start:end] = v.to(device, self.cache.v.dtype)
-                start = end
+                self.cache.write(row, start, k, v)
+                start += k.size(2)
             ids = torch.tensor([seq.prompt[start:]], dtype=torch.long, device=device)
             hidden = model.decode(ids, kv_caches=self.cache.row_caches(row, start))
             self.cache.lengths[row] = len(seq.prompt)
@@ -158,11 +164,9 @@ class BatchDecoder:
             src = torch.tensor([seq.prompt], dtype=torch.long, device=device)
             if seq.memory is None:
                 seq.memory = model.encode(src)
-            memory_kv = model.cross_kv(seq.memory.to(device, self.cache.k.dtype))
-            s = src.size(1)
-            for i, (k, v) in enumerate(memory_kv):
-                self.cross.k[i, row, :, :s], self.cross.v[i, row, :, :s] = k[0], v[0]
-            self.cross.lengths[row] = s
+            memory_kv = model.cross_kv(seq.memory.to(device, self.cache.kv.dtype))
+            self.cross.write(row, 0, torch.cat([k for k, _ in memory_kv]), torch.cat([v for _, v in memory_kv]))
+            self.cross.lengths[row] = src.size(1)
             bos = src.new_full((1, 1), c.bos_token_id)
             hidden = model.decode(bos, memory_kv=memory_kv, kv_caches=self.cache.row_caches(row))
             self.cache.lengths[row] = 1
@@ -186,17 +190,22 @@ class BatchDecoder:
         pos = torch.tensor(lengths, dtype=torch.long, device=device)
         width = max(lengths) + 1
         tokens = torch.tensor([[s.tokens[-1]] for s in self.active], dtype=torch.long, device=device)
-        # Each row sees its own keys only: positions 0..pos (the rest of the row is padding or stale).
-        mask = None if min(lengths) == width - 1 else \
-            (torch.arange(width, device=device) <= pos[:, None])[:, None, None, :]
+        # Each row sees its own keys only: positions 0..pos (the rest of the row is padding or stale). An additive
+        # mask in the model's dtype, made once here rather than converted from bool in every layer.
+        mask = None
+        if min(lengths) < width - 1:
+            hidden_keys = torch.arange(width, device=device) > pos[:, None]
+            mask = torch.zeros(n, 1, 1, width, dtype=self.cache.kv.dtype, device=device)
+            mask.masked_fill_(hidden_keys[:, None, None, :], float("-inf"))
         memory_kv, memory_mask = None, None
         if not c.decoder_only:
             src_lengths = self.cross.lengths[:n]
             s = max(src_lengths)
-            memory_kv = [(self.cross.k[i, :n, :, :s], self.cross.v[i, :n, :, :s]) for i in range(c.num_decoder_layers)]
+            memory_kv = [(layer[0, :n, :, :s], layer[1, :n, :, :s]) for layer in self.cross.kv]
             if min(src_lengths) < s:
                 memory_mask = torch.arange(s, device=device) < torch.tensor(src_lengths, device=device)[:, None]
-        hidden = model.decode(tokens, kv_caches=self.cache.step_caches(pos, width), positions=pos[:, None],
+        same_pos = width - 1 if mask is None else None
+        hidden = model.decode(tokens, kv_caches=self.cache.step_caches(pos, width, same_pos), positions=pos[:, None],
                               attn_mask=mask, memory_kv=memory_kv, memory_padding_mask=memory_mask)
         for i in range(n):
             self.cache.lengths[i] += 1
@@ -235,4 +244,5 @@ class BatchDecoder:
 
     def prompt_kv(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the keys and values (layers, heads, end - start, head_dim) of prompt positions start..end."""
-        return (self.cache.k[:, seq.row, :, start:end].clone(), self.cache.v[:, seq.row, :, start:end].clone())
+        k, v = self.cache.read(seq.row, start, end)
+        return k.clone(), v.clone()

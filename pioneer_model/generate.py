@@ -53,7 +53,7 @@ def compiled_decode_step():
 def start_decoding(model, ids, mask, max_new_tokens, compile=False):
     """Run the prompt; return (kept prompt, max_new_tokens, its next-token logits, step), where step(token) takes
     (batch, 1) ids and returns the next logits (batch, vocab). compile=True: a torch.compile'd step over
-    fixed-shape caches (one compilation per batch size and cache bucket), gpt-fast style."""
+    fixed-shape caches, gpt-fast style (one compilation per batch size, cache bucket and source length)."""
     c = model.config
     batch = ids.size(0)
     memory_kv = memory_mask = positions = attn_mask = None

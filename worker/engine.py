@@ -225,9 +225,11 @@ class LocalEngine:
         if self.prefix is None or not self.prefix_in_use(measure=False):
             return
         if self.model.config.decoder_only:
-            first = seq.reused // self.prefix.chunk_tokens
-            if seq.reused < len(seq.prompt) - 1:  # new chunks, and the partial one at the end
-                k, v = self.scheduler.decoder.prompt_kv(seq, first * self.prefix.chunk_tokens, len(seq.prompt))
+            chunk = self.prefix.chunk_tokens
+            # New chunks and the partial one at the end; prompts shorter than a chunk are not worth it.
+            if len(seq.prompt) >= chunk and seq.reused < len(seq.prompt) - 1:
+                first = seq.reused // chunk
+                k, v = self.scheduler.decoder.prompt_kv(seq, first * chunk, len(seq.prompt))
                 self._write(self.prefix.store, seq.prompt, k, v, first)
         elif not seq.reused:
             self._write(self.prefix.store_encoder, seq.prompt, seq.memory.clone())

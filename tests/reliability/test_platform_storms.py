@@ -66,7 +66,8 @@ async def test_discord_edit_storm_backs_off_and_every_final_edit_lands(tmp_path,
             [*_, reply] = await world.finished(world.place(fake.channel_id), user)
             assert reply.content == answer_to(n)
 
-    calls = fake.requests_to("PATCH", r"/channels/\d+/messages/\d+") + fake.requests_to("POST", r"/channels/\d+/messages")
+    calls = fake.requests_to("PATCH", r"/channels/\d+/messages/\d+")
+    calls += fake.requests_to("POST", r"/channels/\d+/messages")
     print(f"\nMETRICS discord 429 storm: {fake.rate_limited_count} x 429 of {len(calls)} sends and edits; "
           f"{CONVERSATIONS} final edits landed in {elapsed:.1f} s")
     assert fake.rate_limited_count > 0, "the storm did not happen"

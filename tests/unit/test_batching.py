@@ -55,8 +55,14 @@ def conversation(i: int) -> list[dict]:
 
 
 def run_threads(fn, n):
-    results = [None] * n
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, fn(i))) for i in range(n)]
+    """fn(0..n-1) on n threads that start together; their results."""
+    results, start = [None] * n, threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -75,23 +81,33 @@ def test_concurrent_engine_requests_match_solo(engine):
 
 def test_request_joining_mid_batch(engine):
     first_prompt, second_prompt = engine.prompt_ids(conversation(1)), engine.prompt_ids(conversation(3))
+    before = engine.info()["batching"]
     first = engine.generate(first_prompt, 60)
     head = [next(first) for _ in range(10)]  # decoding has started
     second = list(engine.generate(second_prompt, 30))
     rest = list(first)
+    after = engine.info()["batching"]
+    assert after["rows_stepped"] - before["rows_stepped"] > after["steps"] - before["steps"]  # they shared steps
     assert [t for t, _ in head + rest] == solo_tokens(engine.model, first_prompt, 60, engine.tokenizer.eos_id)
     assert [t for t, _ in second] == solo_tokens(engine.model, second_prompt, 30, engine.tokenizer.eos_id)
 
 
-def test_back_pressure_holds_the_bounds(tiny_model_dir):
-    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=16, max_batch_size=2, max_tokens_in_flight=120)
+@pytest.mark.parametrize("bound", ["rows", "tokens"])
+def test_back_pressure_holds_the_bounds(tiny_model_dir, bound):
+    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=16)
+    prompts = [engine.prompt_ids(conversation(i)) for i in range(8)]
+    engine.close()
+    reserved = sorted(len(p) + 16 for p in prompts)  # KV positions each request may hold
+    tokens = reserved[-1] + reserved[0] - 1  # the largest fits alone, never with another; 4 never fit
+    limits = dict(max_batch_size=2) if bound == "rows" else dict(max_batch_size=4, max_tokens_in_flight=tokens)
+    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=16, **limits)
     try:
-        prompts = [engine.prompt_ids(conversation(i)) for i in range(6)]
-        replies = run_threads(lambda i: [t for t, _ in engine.generate(prompts[i], 16)], 6)
+        replies = run_threads(lambda i: [t for t, _ in engine.generate(prompts[i], 16)], 8)
         stats = engine.info()["batching"]
         assert replies == [solo_tokens(engine.model, p, 16, engine.tokenizer.eos_id) for p in prompts]
-        assert stats["peak_batch"] <= 2 and stats["peak_tokens_in_flight"] <= 120
-        assert stats["peak_waiting"] >= 3 and stats["active"] == stats["tokens_in_flight"] == 0
+        assert stats["peak_batch"] <= (2 if bound == "rows" else 3)
+        assert stats["peak_tokens_in_flight"] <= stats["max_tokens_in_flight"]
+        assert stats["peak_waiting"] >= 1 and stats["active"] == stats["tokens_in_flight"] == stats["waiting"] == 0
     finally:
         engine.close()
 
