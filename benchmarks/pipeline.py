@@ -41,24 +41,31 @@ def model_first_token_ms(engine: LocalEngine, messages, repeats: int) -> list[fl
     return times
 
 
-async def first_chunk_ms(redis_url: str, messages, requests: int) -> list[float]:
+async def measure(redis_url: str, engine: LocalEngine, messages, requests: int) -> tuple[list[float], list[float]]:
+    """Interleave the model's own time to first token and enqueue -> first chunk through a real worker, so both
+    see the same machine load. One dispatcher and stream reader for the run, as a front-end process keeps them."""
     from worker.dispatch import CeleryDispatcher
 
     bus, dispatcher = RedisStreamBus(redis_url), CeleryDispatcher(redis_url)
-    times = []
-    for i in range(requests):
-        request_id = uuid.uuid4().hex
-        started = time.perf_counter()
-        await dispatcher.submit({"request_id": request_id, "mode": "local", "messages": messages})
-        async for event in bus.read(request_id, timeout_s=60):
-            if event.kind == "chunk":
-                times.append((time.perf_counter() - started) * 1000)
-                break
-            if event.kind == "error":
-                raise RuntimeError(event.text)
-    bus.close()
-    await dispatcher.close()
-    return times
+    model_ms, pipeline_ms = [], []
+    try:
+        for i in range(requests + 3):  # the first 3 warm up connections and the worker
+            model = await asyncio.to_thread(model_first_token_ms, engine, messages, 1)
+            request_id = uuid.uuid4().hex
+            started = time.perf_counter()
+            await dispatcher.submit({"request_id": request_id, "mode": "local", "messages": messages})
+            async for event in bus.read(request_id, timeout_s=60):
+                if event.kind == "chunk":
+                    if i >= 3:
+                        pipeline_ms.append((time.perf_counter() - started) * 1000)
+                        model_ms += model
+                    break
+                if event.kind == "error":
+                    raise RuntimeError(event.text)
+    finally:
+        bus.close()
+        await dispatcher.close()
+    return model_ms, pipeline_ms
 
 
 def cache_speedup(engine: LocalEngine, redis_url: str, repeats: int) -> dict:
@@ -92,7 +99,7 @@ def main() -> None:
         env = os.environ | {"REDIS_URL": args.redis, "MODEL_PATH": str(model_dir), "PIONEER_DATA_DIR": tmp,
                             "ATTENTION_CACHE_ENABLED": "false", "MAX_NEW_TOKENS": str(args.max_new_tokens),
                             "LOG_LEVEL": "WARNING"}
-        worker = subprocess.Popen([sys.executable, "-m", "bots.cli", "worker", "--concurrency", "1", "--name",
+        worker = subprocess.Popen([sys.executable, "-m", "bots.cli", "worker", "--concurrency", "4", "--name",
                                    f"bench-{os.getpid()}@%h"], cwd=REPO, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -102,12 +109,7 @@ def main() -> None:
             deadline = time.monotonic() + 120
             while not list(client.scan_iter(match="pioneer:workers:*")) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            asyncio.run(first_chunk_ms(args.redis, messages, 3))  # warm up the worker
-            model_first_token_ms(engine, messages, 3)
-            model_ms, pipeline_ms = [], []
-            for _ in range(args.requests):  # interleaved, so both see the same machine load
-                model_ms += model_first_token_ms(engine, messages, 1)
-                pipeline_ms += asyncio.run(first_chunk_ms(args.redis, messages, 1))
+            model_ms, pipeline_ms = asyncio.run(measure(args.redis, engine, messages, args.requests))
             cache = cache_speedup(engine, args.redis, len(PROMPTS))
         finally:
             worker.terminate()
