@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 from pioneer_model import AttentionModel, CheckpointError, load_pretrained
+from pioneer_model.tokenizer import Tokenizer as ProjectTokenizer
 
-transformers = pytest.importorskip("transformers")
 
 EOS = 999
 
@@ -66,7 +67,6 @@ def test_left_padded_batch_matches_hf(gpt2_dir, ours):
 
 def test_tokenizer_json_is_optional(gpt2_dir, tmp_path):
     assert load_pretrained(gpt2_dir[0])[1] is None
-    tokenizer_module = pytest.importorskip("pioneer_model.tokenizer")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())  # GPT-2 style: byte-level BPE whose only special token is <|endoftext|>
@@ -79,7 +79,7 @@ def test_tokenizer_json_is_optional(gpt2_dir, tmp_path):
         (tmp_path / name).write_bytes((gpt2_dir[0] / name).read_bytes())
     backend.save(str(tmp_path / "tokenizer.json"))
     model, tokenizer = load_pretrained(tmp_path)
-    assert isinstance(tokenizer, tokenizer_module.Tokenizer)
+    assert isinstance(tokenizer, ProjectTokenizer)
     assert tokenizer.eos_id == tokenizer.token_to_id("<|endoftext|>")
     assert tokenizer.decode(tokenizer.encode("hello world")) == "hello world"
     assert isinstance(model, AttentionModel)

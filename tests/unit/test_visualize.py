@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pioneer_model import AttentionModel, ModelConfig
+from pioneer_model.tokenizer import Tokenizer as ProjectTokenizer
 from pioneer_model.visualize import plot_attention, token_labels
 
 
@@ -57,8 +58,7 @@ def test_token_labels_show_whitespace():
 
 
 def test_with_the_project_tokenizer(tmp_path):
-    tokenizer_module = pytest.importorskip("pioneer_model.tokenizer")
-    tokenizer = tokenizer_module.Tokenizer.train(["hello world, hello attention"] * 20, vocab_size=300)
+    tokenizer = ProjectTokenizer.train(["hello world, hello attention"] * 20, vocab_size=300)
     torch.manual_seed(0)
     model = AttentionModel(ModelConfig(vocab_size=tokenizer.vocab_size, attention_heads=2, embedding_dim=16,
                                        sequence_length=32, num_encoder_layers=0, num_decoder_layers=1))
