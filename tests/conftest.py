@@ -1,15 +1,14 @@
 """Shared fixtures: a tiny model checkpoint, the real Redis, a fresh PostgreSQL database, worker settings."""
 
 import os
-import uuid
 
-import psycopg
 import pytest
 import redis
 import torch
 
+from tests.services import asyncpg_url, fresh_database
+
 REDIS_URL = os.environ.get("PIONEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_SERVER = os.environ.get("PIONEER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +45,8 @@ def redis_url():
 @pytest.fixture(scope="session")
 def postgres_url():
     """A database of our own on the real PostgreSQL, dropped at the end of the session."""
-    name = f"pioneer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("pioneer_test") as url:
+        yield asyncpg_url(url)
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
 """Throwaway Redis and PostgreSQL servers of a test's own, to stop, restart or squeeze (never the shared ones)."""
 
+import os
 import shutil
 import signal
+import uuid
+from contextlib import contextmanager
 import subprocess
 import tempfile
 import time
@@ -13,6 +16,24 @@ import redis
 from tests.helpers import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+POSTGRES_SERVER = os.environ.get("PIONEER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@contextmanager
+def fresh_database(prefix: str):
+    """A new database on the shared PostgreSQL, dropped (with its connections) afterwards; yields its URL."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def asyncpg_url(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 class RedisServer:

@@ -76,16 +76,19 @@ def table(results: list[dict], calibration: Calibration) -> list[dict]:
     return rows
 
 
-def calibrate_default(path: Path, max_new_tokens: int, bins: int = 6) -> Calibration:
-    """Fit and save the calibration of a freshly trained default model (once, on first start)."""
-    print(f"Calibrating the hybrid router's confidence on {DATA.name} (about a minute)...", flush=True)
-    engine = LocalEngine.load(path, max_new_tokens=max_new_tokens)
-    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
-    results = evaluate(engine, [r for r in rows if r["split"] == "calibration"])
-    calibration = Calibration.fit([(r["raw"], r["adequate"]) for r in results if r["skipped"] is None], bins)
-    from .runtime import CALIBRATION_FILE
+def load_rows(path=DATA) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
-    calibration.save(path / CALIBRATION_FILE)
+
+def fit(results: list[dict], bins: int = 6) -> Calibration:
+    return Calibration.fit([(r["raw"], r["adequate"]) for r in results if r["skipped"] is None], bins)
+
+
+def calibrate_and_save(engine: LocalEngine, out_path: Path, bins: int = 6) -> Calibration:
+    """Fit the calibration of a freshly trained default model on the calibration split, and save it."""
+    print(f"Calibrating the hybrid router's confidence on {DATA.name} (about a minute)...", flush=True)
+    calibration = fit(evaluate(engine, [r for r in load_rows() if r["split"] == "calibration"]), bins)
+    calibration.save(out_path)
     return calibration
 
 
@@ -106,11 +109,10 @@ def main(argv=None) -> None:
     path = Path(args.model) if args.model else resolve_model_path(settings)
     threshold = settings.hybrid_mode_threshold if args.threshold is None else args.threshold
     engine = LocalEngine.load(path, max_new_tokens=settings.max_new_tokens)
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    results = evaluate(engine, rows)
+    results = evaluate(engine, load_rows(args.data))
     fit_on = [r for r in results if r["split"] == "calibration"]
     held_out = [r for r in results if r["split"] == "held_out"]
-    calibration = Calibration.fit([(r["raw"], r["adequate"]) for r in fit_on if r["skipped"] is None], args.bins)
+    calibration = fit(fit_on, args.bins)
     if args.write:
         calibration.save(path / CALIBRATION_FILE)
     if args.show:

@@ -57,21 +57,21 @@ def build_engine(settings: WorkerSettings, cache: AttentionCache | None = None) 
     return engine
 
 
-def build_orchestrator(settings: WorkerSettings | None = None, engine: LocalEngine | None = None) -> Orchestrator:
+def build_orchestrator(settings: WorkerSettings | None = None) -> Orchestrator:
+    """The orchestrator over this process's model, which is loaded on first use. A freshly trained default model
+    is calibrated once first, with that same engine."""
     settings = settings or get_worker_settings()
-    calibration = None
-    if engine is None:
-        path = resolve_model_path(settings)
-        calibration = Calibration.load(path / CALIBRATION_FILE)
-        if calibration is None and path == settings.pioneer_data_dir / "models" / "default":
-            from .calibrate import calibrate_default
+    path = resolve_model_path(settings)
+    calibration = Calibration.load(path / CALIBRATION_FILE)
+    engine = None
+    if calibration is None and path == settings.default_model_dir:
+        from .calibrate import calibrate_and_save
 
-            calibration = calibrate_default(path, settings.max_new_tokens)
-        engine_source = engine or (lambda: build_engine(settings, build_cache(settings)))
-    else:
-        engine_source = engine
-    return Orchestrator(engine_source, build_backend(settings), mode=settings.attention_mode,
-                        threshold=settings.hybrid_mode_threshold, calibration=calibration)
+        engine = build_engine(settings, build_cache(settings))
+        calibration = calibrate_and_save(engine, path / CALIBRATION_FILE)
+    return Orchestrator(engine or (lambda: build_engine(settings, build_cache(settings))), build_backend(settings),
+                        mode=settings.attention_mode, threshold=settings.hybrid_mode_threshold,
+                        calibration=calibration)
 
 
 async def answer_request(payload: dict, orchestrator: Orchestrator, publisher) -> str:

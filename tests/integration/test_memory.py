@@ -4,7 +4,6 @@ import asyncio
 import os
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -15,8 +14,8 @@ from sqlalchemy import text
 
 from bots.db import Base, async_url, create_engine
 from bots.memory import Memory, Place, UnknownRequest, migrate, run_migrations
+from tests.services import fresh_database
 
-POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = ("users", "conversations", "messages", "usage")
 
@@ -26,12 +25,8 @@ GUILD_CHANNEL = Place("discord", workspace_id="guild-1", channel_id="general")
 @pytest.fixture(scope="session")
 def postgres_database():
     """A database of our own on the shared server, dropped at the end of the session."""
-    name = f"pioneer_memory_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"{POSTGRES_SERVER}/{name}"
-    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("pioneer_memory_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
