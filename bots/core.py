@@ -204,9 +204,10 @@ class ConversationCore:
             await streamer.fail(BUSY_MESSAGE)
             await self.memory.fail_reply(request_id, "failed", BUSY_MESSAGE)
             return Outcome(request_id, "failed", BUSY_MESSAGE)
-        return await self._relay(request_id, streamer, started)
+        return await self._relay(request_id, streamer, started, place.platform, user)
 
-    async def _relay(self, request_id: str, streamer: ReplyStreamer, started: float) -> Outcome:
+    async def _relay(self, request_id: str, streamer: ReplyStreamer, started: float, platform: str,
+                     user_id: str) -> Outcome:
         assembler, first_text_ms = ReplyAssembler(), None
         try:
             async for event in self.bus.read(request_id, timeout_s=self.settings.reply_timeout_s):
@@ -237,6 +238,9 @@ class ConversationCore:
         try:
             await self.memory.finish_reply(request_id, reply, self.count_tokens(reply), meta.get("method"),
                                            meta.get("confidence"), int(latency_ms))
+            if usage := meta.get("usage"):
+                await self.memory.record_usage(platform, user_id, request_id, meta.get("method") or "unknown",
+                                               usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         except UnknownRequest:  # the user said /forget while this reply streamed: it is shown, and kept nowhere
             log.info("request %s finished after its user was forgotten; not stored", request_id)
         self.answered[meta.get("method") or "unknown"] += 1

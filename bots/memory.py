@@ -433,6 +433,15 @@ class Memory:
                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     created_at=utcnow()))
 
+    async def usage_of(self, platform: str, user_id: str) -> list[dict[str, Any]]:
+        """The user's recorded token usage, oldest first."""
+        async with self._session() as session:
+            rows = await session.execute(
+                select(Usage.request_id, Usage.method, Usage.prompt_tokens, Usage.completion_tokens)
+                .join(User, User.id == Usage.user_id)
+                .where(User.platform == platform, User.platform_user_id == str(user_id)).order_by(Usage.id))
+            return [dict(row._mapping) for row in rows]
+
     async def stats(self) -> dict[str, Any]:
         """{'users': n, 'answered_by_method': {method: n}, 'median_latency_ms': ms or None}."""
         answered = (Message.role == "assistant", Message.status == "complete")

@@ -27,6 +27,8 @@ async def test_embedded_local_reply_streams_and_is_stored(tmp_path, tiny_model_d
         history = await service.memory.history(PLACE, "u1")
         assert [(m.role, m.method) for m in history] == [("user", None), ("assistant", "local")]
         assert history[1].content == outcome.text
+        usage = await service.memory.usage_of("console", "u1")
+        assert [(u["method"], u["completion_tokens"] > 0) for u in usage] == [("local", True)]
         again, _ = await ask(service, "hello there", user="u2")
         assert again.text == outcome.text  # greedy and cached: the same prompt gives the same reply
         info = await service.core.info_dict()
