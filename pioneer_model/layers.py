@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, MultiHeadAttention
+from .attention import KVCache, Linear, MultiHeadAttention
 
 
 class TokenEmbedding(nn.Module):
@@ -79,8 +79,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, activation: str = "gelu", bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc1 = Linear(dim, hidden, bias=bias)
+        self.fc2 = Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.activation = activation
 

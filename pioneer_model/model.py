@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .attention import KVCache
+from .attention import KVCache, linear
 from .layers import PositionalEncoding, TokenEmbedding, TransformerDecoder, TransformerEncoder
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
@@ -139,7 +139,7 @@ class AttentionModel(nn.Module):
         return (h, maps) if need_weights else h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.tok_emb.weight.t()
+        return linear(hidden, self.tok_emb.weight)
 
     def forward(self, input_ids, decoder_input_ids=None, src_padding_mask=None):
         """Decoder-only: logits (batch, seq, vocab) of input_ids. Encoder-decoder: logits of decoder_input_ids."""

@@ -44,12 +44,12 @@ async def answer(bot, message: discord.Message, text: str) -> None:
     channel = message.channel
     incoming = Incoming(place_of(channel, message.guild), str(message.author.id), text,
                         display_name=message.author.display_name)
+    if isinstance(channel, discord.Thread):
+        bot.joined_threads.add(channel.id)  # answering in a thread joins it, before the reply is stored
     try:
         async with typing_in(channel):
             await bot.core.answer(incoming, ChannelSink(channel, reply_to=message), MESSAGE_LIMIT,
                                   budget=bot.budget, scope=channel.id)
-        if isinstance(channel, discord.Thread):
-            bot.joined_threads.add(channel.id)  # posting in a thread joins it
     except Exception:
         log.exception("could not answer message %s in channel %s", message.id, channel.id)
         with contextlib.suppress(discord.HTTPException):

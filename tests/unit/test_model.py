@@ -207,6 +207,26 @@ def test_compiled_generate_equals_eager(decoder_only):
         assert torch.equal(out, expected)
 
 
+def test_compiled_single_sequence_equals_eager(decoder_only):
+    """Batch 1 is where compiled one-row projections become multiply-and-sum loops (pioneer_model.attention.linear)."""
+    prompt = ids(1, 5, seed=3)
+    expected = decoder_only.generate(prompt, max_new_tokens=8, eos_token_id=NO_EOS)
+    assert torch.equal(decoder_only.generate(prompt, max_new_tokens=8, eos_token_id=NO_EOS, compile=True), expected)
+
+
+@pytest.mark.parametrize("shape, bias", [((1, 16), True), ((1, 1, 16), False), ((3, 16), True)])
+def test_compiled_linear_matches_f_linear(shape, bias):
+    from pioneer_model.attention import linear
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(shape), torch.randn(40, 16)
+    b = torch.randn(40) if bias else None
+    compiled = torch.compile(linear, dynamic=False)
+    out = compiled(x, weight, b)
+    assert out.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
 def test_generate_trims_long_prompts(decoder_only):
     out = decoder_only.generate(ids(1, 60), max_new_tokens=10, eos_token_id=NO_EOS)
     assert out.shape == (1, 48)  # prompt cut to SEQUENCE_LENGTH - max_new_tokens
