@@ -134,3 +134,22 @@ def test_ensure_default_model_trains_once(pairs, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained again"))
     assert train_module.ensure_default_model(tmp_path) == path
+
+
+def test_pioneer_train_command_passes_its_options_through(tmp_path):
+    """`pioneer train --data F --out D ...` as a user types it: a real process, options reach train's parser."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"hello {i}", "reply": f"hi there {i}"}) for i in range(40)))
+    pioneer = Path(sys.executable).parent / "pioneer"
+    done = subprocess.run([pioneer, "train", "--data", data, "--out", tmp_path / "model", "--preset", "tiny",
+                           "--steps", "2", "--vocab-size", "300", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    bogus = subprocess.run([pioneer, "worker", "--no-such-option"], capture_output=True, text=True, timeout=60)
+    assert bogus.returncode == 2 and "unrecognized arguments: --no-such-option" in bogus.stderr
