@@ -47,25 +47,28 @@ async def measure(redis_url: str, engine: LocalEngine, messages, requests: int) 
     from worker.dispatch import CeleryDispatcher
 
     bus, dispatcher = RedisStreamBus(redis_url), CeleryDispatcher(redis_url)
-    model_ms, pipeline_ms = [], []
+    model_ms, pipeline_ms, split_ms = [], [], []
     try:
         for i in range(requests + 3):  # the first 3 warm up connections and the worker
             model = await asyncio.to_thread(model_first_token_ms, engine, messages, 1)
             request_id = uuid.uuid4().hex
-            started = time.perf_counter()
+            started, wall = time.perf_counter(), time.time()
             await dispatcher.submit({"request_id": request_id, "mode": "local", "messages": messages})
             async for event in bus.read(request_id, timeout_s=60):
                 if event.kind == "chunk":
                     if i >= 3:
                         pipeline_ms.append((time.perf_counter() - started) * 1000)
                         model_ms += model
+                        # Redis stamps each entry with its clock in ms: submit -> entry is the worker's share
+                        written_ms = int(event.stream_id.split("-")[0])
+                        split_ms.append((written_ms - wall * 1000, time.time() * 1000 - written_ms))
                     break
                 if event.kind == "error":
                     raise RuntimeError(event.text)
     finally:
         bus.close()
         await dispatcher.close()
-    return model_ms, pipeline_ms
+    return model_ms, pipeline_ms, split_ms
 
 
 def cache_speedup(engine: LocalEngine, redis_url: str, repeats: int) -> dict:
@@ -109,7 +112,7 @@ def main() -> None:
             deadline = time.monotonic() + 120
             while not list(client.scan_iter(match="pioneer:workers:*")) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            model_ms, pipeline_ms = asyncio.run(measure(args.redis, engine, messages, args.requests))
+            model_ms, pipeline_ms, split_ms = asyncio.run(measure(args.redis, engine, messages, args.requests))
             cache = cache_speedup(engine, args.redis, len(PROMPTS))
         finally:
             worker.terminate()
@@ -123,6 +126,8 @@ def main() -> None:
         "model_first_token_ms_p50": round(model_p50, 2),
         "queue_overhead_ms_p50": round(percentile(pipeline_ms, 50) - model_p50, 2),
         "queue_overhead_goal_ms": 5.0,
+        "submit_to_chunk_written_ms_p50": round(median([a for a, _ in split_ms]), 1),
+        "chunk_written_to_read_ms_p50": round(median([b for _, b in split_ms]), 1),
         **cache,
     }, indent=2))
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_tokenizer
-from .data import (IGNORE_INDEX, ChatDataset, CorpusError, Pair, augment_pairs, deduplicate, load_chatterbot_pairs,
-                   load_pairs, small_talk_pairs, split_held_out)
+from .data import (IGNORE_INDEX, SMALL_TALK_WEIGHT, ChatDataset, CorpusError, Pair, augment_pairs, deduplicate,
+                   load_chatterbot_pairs, load_pairs, small_talk_pairs, split_held_out)
 from .model import PRESETS, AttentionModel, ModelConfig
 from .tokenizer import Tokenizer
 
@@ -327,8 +327,8 @@ def train(
 
 
 def default_training_pairs() -> list[Pair]:
-    """The ChatterBot English corpus without exact repeats, plus Pioneer's own small talk."""
-    return deduplicate(load_chatterbot_pairs("english")) + small_talk_pairs()
+    """The ChatterBot English corpus without exact repeats, plus Pioneer's own small talk (weighted)."""
+    return deduplicate(load_chatterbot_pairs("english")) + small_talk_pairs() * SMALL_TALK_WEIGHT
 
 
 def small_config(vocab_size: int, **overrides) -> ModelConfig:

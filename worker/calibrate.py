@@ -17,18 +17,23 @@ from .routing import Calibration, looks_complex
 DATA = Path(__file__).parent / "data" / "routing_eval.jsonl"
 SYSTEM = "You are Pioneer, a friendly and helpful chat assistant."
 
-# A simple query's local reply is adequate when it answers in kind.
+# A simple query's local reply is adequate when it answers in kind: a greeting greets back, thanks get a
+# "you're welcome", a question about its maker names one. tests/unit/test_routing.py pins what each accepts.
 ADEQUATE = {
-    "greeting": r"\b(hi|hello|hey|greetings|good (morning|afternoon|evening|day)|howdy|nice to meet|welcome)\b",
-    "wellbeing": r"\b(good|fine|well|great|ok|okay|doing|excellent|not bad|alright|happy|thanks)\b",
-    "name": r"\b(name|i am|i'm|call me|pioneer|bot|assistant)\b",
-    "identity": r"\b(bot|robot|ai|artificial|assistant|program|computer|software|machine|chat|human|real)\b",
-    "creator": r"\b(made|created|built|programm\w*|develop\w*|wrote|team|human|people|engineer\w*|born)\b",
-    "thanks": r"\b(welcome|pleasure|no problem|anytime|glad|happy to|you bet|sure)\b",
-    "bye": r"\b(bye|goodbye|see you|later|take care|farewell|talk soon|good night)\b",
-    "likes": r"\b(like|love|enjoy|favou?rite|yes|no|not really|prefer|fan)\b",
-    "joke": r"\?|\b(why|what do you call|knock|funny|joke|laugh)\b",
-    "feelings": r"\b(yes|no|i am|i'm|feel\w*|happy|sad|think|emotion\w*|sometimes|bored|lonely)\b",
+    "greeting": r"\b(hi|hello|hey|hiya|greetings|good (morning|afternoon|evening|day)|howdy|nice to (meet|see)|"
+                r"how are you)\b",
+    "wellbeing": r"\b(good|fine|well|great|ok|okay|not bad|alright|excellent|wonderful|can't complain|"
+                 r"thanks for asking|certainly am)\b",
+    "name": r"\b(my name|call me|pioneer)\b",
+    "identity": r"\b(bot|chatbot|robot|ai|artificial|program|software|machine|computer|transformer|model|"
+                r"not (a )?human)\b",
+    "creator": r"\b(made|created|built|programm\w*|develop\w*|designed|wrote|written|team|engineers?|trained)\b",
+    "thanks": r"\b(welcome|pleasure|no problem|any ?time|glad|happy to|you bet|don't mention it|no worries)\b",
+    "bye": r"\b(bye|goodbye|see you|later|take care|farewell|talk soon|good night|come back)\b",
+    "likes": r"^(yes|no|not really)\b|\bi (really |do |quite |also )?(like|love|enjoy|prefer|adore)\b|"
+             r"\bfavou?rite\b|\bi('m| am) (a )?(big )?fan\b|\bi (don't|do not)\b",
+    "joke": r"\?|\b(why|what do you call|knock|funny|joke|laugh|pun)\b",
+    "feelings": r"^(yes|no|not really|sometimes)\b|\b(feel\w*|emotions?|happy|sad|bored|lonely|enjoy)\b",
 }
 
 

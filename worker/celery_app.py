@@ -23,8 +23,9 @@ def make_celery(redis_url: str, visibility_timeout_s: int = 10, task_expires_s: 
         worker_prefetch_multiplier=1,
         task_time_limit=task_expires_s + 60,
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # No task events: each would cost a Redis publish on the way to the first chunk (metrics come from /metrics).
+        worker_send_task_events=False,
+        task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_transport_options={
