@@ -37,13 +37,15 @@ def model_first_token_ms(engine: LocalEngine, messages, repeats: int) -> list[fl
         gen = engine.stream(messages)
         next(gen)
         times.append((time.perf_counter() - started) * 1000)
-        gen.close()
+        for _ in gen:  # finish the reply, so the next measurement starts on an idle machine
+            pass
     return times
 
 
 async def measure(redis_url: str, engine: LocalEngine, messages, requests: int) -> tuple[list[float], list[float]]:
     """Interleave the model's own time to first token and enqueue -> first chunk through a real worker, so both
-    see the same machine load. One dispatcher and stream reader for the run, as a front-end process keeps them."""
+    see the same machine load. One dispatcher and stream reader for the run, as a front-end process keeps them.
+    Each reply is read to its end before the next request, as the model's own measurement finishes its reply."""
     from worker.dispatch import CeleryDispatcher
 
     bus, dispatcher = RedisStreamBus(redis_url), CeleryDispatcher(redis_url)
@@ -53,16 +55,18 @@ async def measure(redis_url: str, engine: LocalEngine, messages, requests: int) 
             model = await asyncio.to_thread(model_first_token_ms, engine, messages, 1)
             request_id = uuid.uuid4().hex
             started, wall = time.perf_counter(), time.time()
-            await dispatcher.submit({"request_id": request_id, "mode": "local", "messages": messages})
+            await dispatcher.submit({"request_id": request_id, "mode": "local", "messages": messages,
+                                     "enqueued_at": wall})
+            first = True
             async for event in bus.read(request_id, timeout_s=60):
-                if event.kind == "chunk":
+                if event.kind == "chunk" and first:
+                    first = False
                     if i >= 3:
                         pipeline_ms.append((time.perf_counter() - started) * 1000)
                         model_ms += model
                         # Redis stamps each entry with its clock in ms: submit -> entry is the worker's share
                         written_ms = int(event.stream_id.split("-")[0])
                         split_ms.append((written_ms - wall * 1000, time.time() * 1000 - written_ms))
-                    break
                 if event.kind == "error":
                     raise RuntimeError(event.text)
     finally:

@@ -78,15 +78,12 @@ async def answer_request(payload: dict, orchestrator: Orchestrator, publisher) -
     """Answer one queued request into its reply stream. Returns how it ended: final, error, duplicate (answered
     already), or busy (a live attempt elsewhere holds the request's lease: a redelivered copy of a running task)."""
     request_id = payload["request_id"]
-    if publisher.is_finished(request_id):
-        return "duplicate"
     attempt = uuid.uuid4().hex[:12]
-    if not publisher.claim(request_id, attempt, LEASE_S):
-        return "busy"
+    outcome = publisher.begin(request_id, attempt, LEASE_S)
+    if outcome != "claimed":
+        return outcome
     lease = asyncio.create_task(keep_lease(publisher, request_id, attempt))
     try:
-        if publisher.is_finished(request_id):  # the holder before us finished between the two checks
-            return "duplicate"
         return await _answer(payload, orchestrator, publisher, attempt)
     finally:
         lease.cancel()

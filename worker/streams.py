@@ -97,6 +97,15 @@ class StreamPublisher(ABC):
         (one process, no redelivery) always grants it."""
         return True
 
+    def begin(self, request_id: str, attempt: str, ttl_s: float) -> str:
+        """"duplicate" when the request is answered already, "busy" while another live attempt holds its lease,
+        else "claimed": the lease is this attempt's."""
+        if self.is_finished(request_id):
+            return "duplicate"
+        if not self.claim(request_id, attempt, ttl_s):
+            return "busy"
+        return "duplicate" if self.is_finished(request_id) else "claimed"
+
     def renew(self, request_id: str, attempt: str, ttl_s: float) -> bool:
         return True
 
@@ -210,6 +219,16 @@ class RedisStreamBus(StreamBus):
 
     def claim(self, request_id, attempt, ttl_s):
         return bool(self._client.set(self.lease_key(request_id), attempt, nx=True, px=int(ttl_s * 1000)))
+
+    def begin(self, request_id, attempt, ttl_s):
+        # One round trip before the first token, and no gap between the check and the claim.
+        if not hasattr(self, "_begin_script"):
+            self._begin_script = self._client.register_script(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end "
+                "if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'claimed' end "
+                "return 'busy'")
+        return self._begin_script(keys=[self.done_key(request_id), self.lease_key(request_id)],
+                                  args=[attempt, int(ttl_s * 1000)])
 
     def renew(self, request_id, attempt, ttl_s):
         return bool(self._if_holder(keys=[self.lease_key(request_id)], args=[attempt, int(ttl_s * 1000)]))

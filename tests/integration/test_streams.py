@@ -339,3 +339,27 @@ async def test_redis_reader_times_out_while_the_server_is_down():
         await collect(bus, "nobody", timeout_s=0.5)
     assert time.monotonic() - started < 2
     bus.close()
+
+
+def test_begin_claims_once_and_sees_finished_requests(prefix):
+    """One Lua round trip decides: answered already, another live attempt holds the lease, or ours."""
+    bus = make_redis_bus(prefix)
+    try:
+        assert bus.begin("r", "a1", 5) == "claimed"
+        assert bus.begin("r", "a2", 5) == "busy"
+        bus.release("r", "a1")
+        assert bus.begin("r", "a2", 5) == "claimed"
+        bus.final("r", "a2", {"method": "local"})
+        assert bus.begin("r", "a3", 5) == "duplicate"
+        assert bus.begin("short", "a1", 0.05) == "claimed"
+        time.sleep(0.1)  # the lease lapses: a crashed attempt does not block the request for ever
+        assert bus.begin("short", "a2", 5) == "claimed"
+    finally:
+        bus.close()
+
+
+def test_memory_bus_begin_sees_finished_requests():
+    bus = MemoryStreamBus()
+    assert bus.begin("r", "a1", 5) == "claimed"
+    bus.final("r", "a1", {"method": "local"})
+    assert bus.begin("r", "a2", 5) == "duplicate"
