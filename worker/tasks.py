@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import sys
 
 from celery import signals
 
@@ -11,12 +12,16 @@ from .settings import get_worker_settings
 from .streams import make_stream_bus
 
 log = logging.getLogger(__name__)
+GIL_SWITCH_INTERVAL_S = 0.0001
 
 
 class WorkerRuntime:
     """What one worker process holds: the model (loaded once), the orchestrator, the stream, an event loop."""
 
     def __init__(self):
+        # The scheduler thread decodes while Celery's and the stream's threads hand work on: with CPython's
+        # default 5 ms GIL switch interval each hand-off could wait that long (it was 1-2 ms of the first chunk).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         settings = get_worker_settings()
         self.bus = make_stream_bus(settings.redis_url)
         self.orchestrator = build_orchestrator(settings)
