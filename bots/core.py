@@ -26,6 +26,10 @@ CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2
 SURROGATE = re.compile("[\ud800-\udfff]")
 TIMEOUT_MESSAGE = "Sorry, I couldn't finish that reply in time. Please try again."
 BUSY_MESSAGE = "Sorry, I'm having trouble reaching my workers right now. Please try again in a moment."
+GUESS_NOTES = {  # shown under a hybrid reply that the local model gave below the threshold, because OpenAI could not
+    "not_configured": "A guess from my small local model: I'm not sure of this one, and no OpenAI backend is set up.",
+    "": "A guess from my small local model: I'm not sure of this one, and the OpenAI backend is unavailable right now.",
+}
 RESTARTING_MESSAGE = "I'm restarting right now. Please send that again in a minute."
 
 
@@ -233,7 +237,7 @@ class ConversationCore:
         reply, meta = clean_output(assembler.text).strip(), assembler.meta or {}
         if not reply:
             reply = "…I don't have an answer to that. Could you rephrase?"
-        await streamer.finish(reply)
+        await streamer.finish(reply + guess_note(meta))  # the note is shown, not remembered
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             await self.memory.finish_reply(request_id, reply, self.count_tokens(reply), meta.get("method"),
@@ -327,3 +331,10 @@ def describe_batching(info: dict) -> str:
         return "-"
     return (f"{info.get('active', 0)} decoding, {info.get('waiting', 0)} waiting, batch up to "
             f"{info.get('max_batch_size')} (mean {info.get('mean_batch', 0)})")
+
+
+def guess_note(meta: dict) -> str:
+    """An italic line under a reply the local model gave without confidence, or ""."""
+    if not meta.get("doubtful"):
+        return ""
+    return f"\n\n_({GUESS_NOTES.get(meta.get('fallback'), GUESS_NOTES[''])})_"

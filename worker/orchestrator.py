@@ -34,6 +34,7 @@ class ReplyMeta:
     usage: dict = field(default_factory=dict)
     route: str = ""  # why this method was chosen
     fallback: str | None = None  # set when the preferred method failed and another answered
+    doubtful: bool = False  # a fallback local reply below the threshold: front-ends say it is a guess
     cached: bool = False
     latency_ms: float = 0.0
 
@@ -226,7 +227,8 @@ class Orchestrator:
         for piece in pieces(reply.text):
             yield piece
         yield ReplyMeta("local", round(score, 4), round(reply.raw_confidence, 4), reply.usage, route,
-                        fallback=fallback, cached=reply.cached)
+                        fallback=fallback, cached=reply.cached,
+                        doubtful=fallback is not None and score < self.threshold)
 
     async def _stream_openai(self, messages, route: str):
         async with self.backend.stream(messages) as reply:

@@ -4,7 +4,7 @@ import pytest
 import redis
 
 from bots.app import build_service
-from bots.core import Incoming
+from bots.core import GUESS_NOTES, Incoming
 from bots.memory import Place
 from tests.fakes.openai_server import FakeOpenAI, Scenario
 from tests.helpers import RecordingSink, make_settings, start_worker, stop, wait_for_workers
@@ -47,12 +47,33 @@ async def test_hybrid_uses_openai_when_local_is_unsure_and_falls_back_when_it_fa
             outcome, sink = await ask(service, "hello there")
             assert (outcome.method, outcome.text) == ("openai", "Hello from the API, friend.")
             fake.script(Scenario.server_error(500), Scenario.server_error(503))  # first try and its retry
-            outcome, _ = await ask(service, "how are you?")
+            outcome, sink = await ask(service, "how are you?")
             assert outcome.status == "answered" and outcome.method == "local"
+            # The user is told the reply is the small model's guess; memory keeps the reply alone.
+            assert sink.messages[-1] == outcome.text + "\n\n_(" + GUESS_NOTES[""] + ")_"
             history = await service.memory.history(PLACE, "u1")
             assert [m.method for m in history if m.role == "assistant"] == ["openai", "local"]
+            assert history[-1].content == outcome.text
         finally:
             await service.close()
+
+
+async def test_hybrid_without_openai_answers_locally_and_says_when_it_guesses(tmp_path, tiny_model_dir):
+    service = await build_service(make_settings(tmp_path, tiny_model_dir, attention_mode="hybrid",
+                                                hybrid_mode_threshold=1.0))
+    try:
+        outcome, sink = await ask(service, "hello there")
+        assert outcome.status == "answered" and outcome.method == "local"
+        assert sink.messages[-1] == outcome.text + "\n\n_(" + GUESS_NOTES["not_configured"] + ")_"
+    finally:
+        await service.close()
+    confident = await build_service(make_settings(tmp_path / "confident", tiny_model_dir, attention_mode="hybrid",
+                                                  hybrid_mode_threshold=0.0))
+    try:
+        outcome, sink = await ask(confident, "hello there")
+        assert outcome.method == "local" and sink.messages[-1] == outcome.text  # confident: no note
+    finally:
+        await confident.close()
 
 
 async def test_openai_mode_without_a_key_says_so_and_loses_nothing(tmp_path, tiny_model_dir):
