@@ -10,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from bots.core import guess_note
 from bots.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,12 @@ class RecordingSink:
     async def edit(self, ref, text):
         self.messages[ref] = text
         self.calls.append(("edit", ref, text))
+
+
+def shown(stored, threshold: float = 0.8) -> str:
+    """What a chat shows for a stored hybrid reply when no OpenAI backend is set up: the reply, and the guess
+    note when its confidence is below the threshold."""
+    return stored.content + guess_note({"doubtful": stored.confidence < threshold, "fallback": "not_configured"})
 
 
 def make_settings(tmp_path, model_dir, **overrides) -> Settings:

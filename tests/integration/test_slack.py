@@ -13,7 +13,8 @@ from bots.slack_io import neutralise
 from bots.splitting import join_parts, unclosed_fence
 from tests.fakes.openai_server import FakeOpenAI, Scenario
 from tests.fakes.slack_server import FakeSlack, post_event, post_slash_command
-from tests.helpers import eventually, free_port, make_settings, start_front_end, start_worker, stop, wait_for_workers
+from tests.helpers import (eventually, free_port, make_settings, shown, start_front_end, start_worker, stop,
+                           wait_for_workers)
 
 SECRET = "test-signing-secret"
 MARKER = "▌"
@@ -304,7 +305,7 @@ async def test_pioneer_slack_and_a_worker_as_processes_on_redis_and_postgres(red
                                            timeout=30)
                 assert await memory.history(Place("slack", "T1", "C1", "1700000000.000100"), "U1") == []
             [reply] = world.replies("C1", asked["ts"])
-            assert reply["text"] == neutralise(history[-1].content) and history[-1].method == "local"
+            assert reply["text"] == neutralise(shown(history[-1])) and history[-1].method == "local"
             assert MARKER not in reply["text"] and len(reply["edits"]) >= 1 and fake.rate_limited_count == 0
             report("processes", world, [asked])
         finally:
