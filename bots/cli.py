@@ -95,8 +95,9 @@ def cmd_slack(args) -> None:
     slack_main(_settings())
 
 
-PASS_THROUGH = {"train": ("train", cmd_train, "train or fine-tune a model (see pioneer train -h)"),
-                "calibrate": ("calibrate", cmd_calibrate, "calibrate the hybrid router's confidence")}
+# Commands whose options their own parsers read (pioneer_model.train, worker.calibrate).
+PASS_THROUGH = {"train": (cmd_train, "train or fine-tune a model (see pioneer train -h)"),
+                "calibrate": (cmd_calibrate, "calibrate the hybrid router's confidence")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker node name, e.g. gpu1@%%h")
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("migrate", help="apply the database migrations").set_defaults(func=cmd_migrate)
-    for name, func, text in PASS_THROUGH.values():
+    for name, (func, text) in PASS_THROUGH.items():
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
@@ -127,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    # parse_known_args: the options of `train` and `calibrate` belong to their own parsers
-    args, rest = build_parser().parse_known_args(argv)
-    if rest and args.command not in PASS_THROUGH:
-        build_parser().parse_args(argv)  # exits with argparse's message for the unknown options
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
     if args.command in PASS_THROUGH:
         args.rest = rest + args.rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     settings = _settings()
     quiet = args.command == "chat" and "log_level" not in settings.model_fields_set
     setup_logging("WARNING" if quiet else settings.log_level, settings.log_format)

@@ -26,10 +26,10 @@ CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2
 SURROGATE = re.compile("[\ud800-\udfff]")
 TIMEOUT_MESSAGE = "Sorry, I couldn't finish that reply in time. Please try again."
 BUSY_MESSAGE = "Sorry, I'm having trouble reaching my workers right now. Please try again in a moment."
-GUESS_NOTES = {  # shown under a hybrid reply that the local model gave below the threshold, because OpenAI could not
-    "not_configured": "A guess from my small local model: I'm not sure of this one, and no OpenAI backend is set up.",
-    "": "A guess from my small local model: I'm not sure of this one, and the OpenAI backend is unavailable right now.",
-}
+# Shown under a hybrid reply that the local model gave below the threshold because OpenAI could not answer.
+GUESS_NOT_CONFIGURED = "A guess from my small local model: I'm not sure of this one, and no OpenAI backend is set up."
+GUESS_UNAVAILABLE = ("A guess from my small local model: I'm not sure of this one, and the OpenAI backend is "
+                     "unavailable right now.")
 RESTARTING_MESSAGE = "I'm restarting right now. Please send that again in a minute."
 
 
@@ -337,4 +337,5 @@ def guess_note(meta: dict) -> str:
     """An italic line under a reply the local model gave without confidence, or ""."""
     if not meta.get("doubtful"):
         return ""
-    return f"\n\n_({GUESS_NOTES.get(meta.get('fallback'), GUESS_NOTES[''])})_"
+    note = GUESS_NOT_CONFIGURED if meta.get("fallback") == "not_configured" else GUESS_UNAVAILABLE
+    return f"\n\n_({note})_"

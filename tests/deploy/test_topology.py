@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import redis
 
+from tests.services import asyncpg_url, fresh_database
 from worker.metrics import parse_samples
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,15 +61,16 @@ def metric(text: str, name: str) -> float:
 
 
 @pytest.fixture
-def environment(tmp_path, tiny_model_dir, postgres_url):
+def environment(tmp_path, tiny_model_dir):
     url = f"redis://127.0.0.1:6379/{REDIS_DB}"
     redis.Redis.from_url(url).flushdb()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OPENAI_", "ATTENTION_", "DATABASE_", "REDIS_", "METRICS_", "LOG_"))}
-    env |= {"REDIS_URL": url, "DATABASE_URL": postgres_url, "MODEL_PATH": str(tiny_model_dir),
-            "PIONEER_DATA_DIR": str(tmp_path), "ATTENTION_MODE": "local", "MAX_NEW_TOKENS": "16",
-            "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
-    yield env
+    with fresh_database("pioneer_topology") as database:  # empty, whatever other tests stored
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("OPENAI_", "ATTENTION_", "DATABASE_", "REDIS_", "METRICS_", "LOG_"))}
+        env |= {"REDIS_URL": url, "DATABASE_URL": asyncpg_url(database), "MODEL_PATH": str(tiny_model_dir),
+                "PIONEER_DATA_DIR": str(tmp_path), "ATTENTION_MODE": "local", "MAX_NEW_TOKENS": "16",
+                "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+        yield env
     redis.Redis.from_url(url).flushdb()
 
 

@@ -4,7 +4,7 @@ import pytest
 import redis
 
 from bots.app import build_service
-from bots.core import GUESS_NOTES, Incoming
+from bots.core import GUESS_NOT_CONFIGURED, GUESS_UNAVAILABLE, Incoming
 from bots.memory import Place
 from tests.fakes.openai_server import FakeOpenAI, Scenario
 from tests.helpers import RecordingSink, make_settings, start_worker, stop, wait_for_workers
@@ -50,7 +50,7 @@ async def test_hybrid_uses_openai_when_local_is_unsure_and_falls_back_when_it_fa
             outcome, sink = await ask(service, "how are you?")
             assert outcome.status == "answered" and outcome.method == "local"
             # The user is told the reply is the small model's guess; memory keeps the reply alone.
-            assert sink.messages[-1] == outcome.text + "\n\n_(" + GUESS_NOTES[""] + ")_"
+            assert sink.messages[-1] == outcome.text + "\n\n_(" + GUESS_UNAVAILABLE + ")_"
             history = await service.memory.history(PLACE, "u1")
             assert [m.method for m in history if m.role == "assistant"] == ["openai", "local"]
             assert history[-1].content == outcome.text
@@ -64,7 +64,7 @@ async def test_hybrid_without_openai_answers_locally_and_says_when_it_guesses(tm
     try:
         outcome, sink = await ask(service, "hello there")
         assert outcome.status == "answered" and outcome.method == "local"
-        assert sink.messages[-1] == outcome.text + "\n\n_(" + GUESS_NOTES["not_configured"] + ")_"
+        assert sink.messages[-1] == outcome.text + "\n\n_(" + GUESS_NOT_CONFIGURED + ")_"
     finally:
         await service.close()
     confident = await build_service(make_settings(tmp_path / "confident", tiny_model_dir, attention_mode="hybrid",

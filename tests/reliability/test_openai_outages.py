@@ -5,7 +5,7 @@ import time
 import pytest
 
 from bots.app import build_service
-from bots.core import GUESS_NOTES, Incoming
+from bots.core import GUESS_UNAVAILABLE, Incoming
 from bots.memory import Place
 from tests.fakes.openai_server import FakeOpenAI, Scenario
 from tests.helpers import RecordingSink, make_settings
@@ -62,7 +62,7 @@ async def test_hybrid_falls_back_to_the_local_model_within_the_bound(hybrid, nam
     assert elapsed < BOUND_S
     # API text gone; the local reply is marked as a guess (memory keeps the reply alone)
     assert [kind for kind, *_ in sink.calls].count("post") == 1
-    assert sink.messages == [local.text + "\n\n_(" + GUESS_NOTES[""] + ")_"]
+    assert sink.messages == [local.text + "\n\n_(" + GUESS_UNAVAILABLE + ")_"]
     history = await service.memory.history(PLACE, "user")
     assert [(m.role, m.method) for m in history] == [("user", None), ("assistant", "local")]
     assert history[-1].content == local.text
