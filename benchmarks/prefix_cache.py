@@ -76,7 +76,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir or Path(tempfile.gettempdir()) / f"pioneer-bench-{args.preset}-1k")
-    make_checkpoint(model_dir, args.preset, sequence_length=1024, num_encoder_layers=0)
+    # The whole conversation goes into each prompt (the small preset's own default reads no history).
+    make_checkpoint(model_dir, args.preset, sequence_length=1024, num_encoder_layers=0, max_history_messages=None)
     if args.write:
         print(json.dumps(write_turns(model_dir, args.redis, args.write)))
         return

@@ -99,12 +99,12 @@ class Console:
         outcome = await self.core.answer(Incoming(self.place, self.user_id, line), sink, limit=1_000_000,
                                          min_interval_s=0.03)
         if live:
-            final = outcome.text
+            final = outcome.shown
             if not sink.shown or list(sink.shown.values())[-1] != final:
                 self.out.write("\n" + final)
             self.out.write("\n")
             self.out.flush()
-        return outcome.text
+        return outcome.shown
 
     async def run(self, stdin=sys.stdin) -> None:
         live = stdin.isatty()

@@ -52,6 +52,11 @@ class Outcome:
     method: str | None = None
     confidence: float | None = None
     first_text_ms: float | None = None
+    note: str = ""  # shown under the reply and not stored (see guess_note)
+
+    @property
+    def shown(self) -> str:
+        return self.text + self.note
 
 
 class InputRejected(ValueError):
@@ -237,7 +242,8 @@ class ConversationCore:
         reply, meta = clean_output(assembler.text).strip(), assembler.meta or {}
         if not reply:
             reply = "…I don't have an answer to that. Could you rephrase?"
-        await streamer.finish(reply + guess_note(meta))  # the note is shown, not remembered
+        note = guess_note(meta)
+        await streamer.finish(reply + note)  # the note is shown, not remembered
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             await self.memory.finish_reply(request_id, reply, self.count_tokens(reply), meta.get("method"),
@@ -252,7 +258,8 @@ class ConversationCore:
         ops.REPLY_SECONDS.labels(meta.get("method") or "unknown").observe(latency_ms / 1000)
         if first_text_ms is not None:
             ops.FIRST_TEXT_SECONDS.observe(first_text_ms / 1000)
-        return Outcome(request_id, "answered", reply, meta.get("method"), meta.get("confidence"), first_text_ms)
+        return Outcome(request_id, "answered", reply, meta.get("method"), meta.get("confidence"), first_text_ms,
+                       note)
 
     async def recover(self, platform: str, resume: Resume | None = None, *, follow_s: float | None = None):
         """After a restart: finish each reply `platform` left pending from its stream (streams are replayable, and

@@ -35,6 +35,9 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     name: str = "pioneer"
+    # Earlier chat messages the model reads before the current one (None: as many as fit). Small models trained
+    # on short exchanges answer far worse with history in front of the question.
+    max_history_messages: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -79,6 +82,9 @@ PRESETS: dict[str, dict] = {
     "small": dict(
         attention_heads=4, embedding_dim=256, sequence_length=256, dropout_rate=0.1,
         num_encoder_layers=0, num_decoder_layers=4, learning_rate=1e-3, ffn_dim=1024,
+        # Measured on the default model: 42 of 47 held-out small-talk replies were adequate with no history,
+        # 18 with two earlier messages, 9 with twelve.
+        max_history_messages=0,
     ),
     "tiny": dict(
         attention_heads=2, embedding_dim=64, sequence_length=128, dropout_rate=0.0,

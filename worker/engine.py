@@ -100,8 +100,13 @@ class LocalEngine:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The chat prompt. System messages are left out: Pioneer's small models are trained on conversations
-        without one, and an unfamiliar preamble derails them (the OpenAI backend still gets it)."""
-        return self.tokenizer.encode_chat([(m["role"], m["content"]) for m in messages if m["role"] != "system"])
+        without one, and an unfamiliar preamble derails them. History is cut to the model's
+        max_history_messages before the last message (the OpenAI backend still gets all of it)."""
+        chat = [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
+        keep = self.model.config.max_history_messages
+        if keep is not None:
+            chat = chat[-(keep + 1):]
+        return self.tokenizer.encode_chat(chat)
 
     def count_tokens(self, text: str) -> int:
         return self.tokenizer.count_tokens(text)

@@ -138,3 +138,30 @@ def test_serving_settings_names(monkeypatch):
     assert (settings.max_batch_size, settings.max_tokens_in_flight, settings.prefix_cache_enabled) == (8, 4096, False)
     fields = WorkerSettings.model_fields
     assert (fields["max_batch_size"].default, fields["prefix_cache_enabled"].default) == (16, True)
+
+
+def test_prompt_keeps_the_history_the_model_reads(tiny_model_dir):
+    """max_history_messages cuts what the local model sees; None keeps the whole conversation."""
+    chat = [{"role": "system", "content": "Be brief."}]
+    for i in range(3):
+        chat += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    chat.append({"role": "user", "content": "the last question"})
+    engine = LocalEngine.load(tiny_model_dir)
+    try:
+        tok = engine.tokenizer
+        assert engine.model.config.max_history_messages is None
+        assert engine.prompt_ids(chat) == tok.encode_chat([(m["role"], m["content"]) for m in chat[1:]])
+        engine.model.config.max_history_messages = 2
+        assert engine.prompt_ids(chat) == tok.encode_chat([("user", "question 2"), ("assistant", "answer 2"),
+                                                           ("user", "the last question")])
+        engine.model.config.max_history_messages = 0
+        assert engine.prompt_ids(chat) == tok.encode_chat([("user", "the last question")])
+    finally:
+        engine.close()
+
+
+def test_small_preset_reads_no_history_and_saves_it(tmp_path):
+    config = ModelConfig(vocab_size=64, **PRESETS["small"])
+    assert config.max_history_messages == 0
+    AttentionModel(config).save_pretrained(tmp_path)
+    assert AttentionModel.from_pretrained(tmp_path).config.max_history_messages == 0
