@@ -1,6 +1,10 @@
 """A tiny training run: held-out loss goes down, checkpoints load, and resuming continues from the saved step."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,11 +142,6 @@ def test_ensure_default_model_trains_once(pairs, tmp_path, monkeypatch, capsys):
 
 def test_pioneer_train_command_passes_its_options_through(tmp_path):
     """`pioneer train --data F --out D ...` as a user types it: a real process, options reach train's parser."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"hello {i}", "reply": f"hi there {i}"}) for i in range(40)))
     pioneer = Path(sys.executable).parent / "pioneer"
