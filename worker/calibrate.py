@@ -2,18 +2,20 @@
 
 `pioneer calibrate [--model DIR] [--data FILE] [--write]` runs the local model on a labelled set of simple and
 complex queries (worker/data/routing_eval.jsonl), fits the map raw confidence -> share of adequate replies on
-the calibration split, saves it as calibration.json beside the model (with --write), and reports the routing
-on the held-out split.
+the calibration split (Platt scaling), saves it as calibration.json beside the model (with --write), and reports
+the reliability table and the routing on the held-out split.
 """
 
 import argparse
 import json
+import logging
 import re
 from pathlib import Path
 
 from .engine import LocalEngine
 from .routing import Calibration, looks_complex
 
+log = logging.getLogger(__name__)
 DATA = Path(__file__).parent / "data" / "routing_eval.jsonl"
 SYSTEM = "You are Pioneer, a friendly and helpful chat assistant."
 
@@ -70,14 +72,22 @@ def routing(results: list[dict], calibration: Calibration, threshold: float) -> 
     return out
 
 
+BANDS = (0.0, 0.5, 0.8, 0.9, 1.0)
+
+
 def table(results: list[dict], calibration: Calibration) -> list[dict]:
+    """Reliability table: for each band of calibrated score, its raw-confidence range, the mean predicted
+    share of adequate replies and the share observed."""
     rows = []
-    edges = calibration.edges + [1.01]
-    for i, share in enumerate(calibration.adequate):
-        members = [r for r in results if r["skipped"] is None and edges[i] <= r["raw"] < edges[i + 1]]
-        rows.append({"raw_from": round(edges[i], 3), "raw_to": round(min(edges[i + 1], 1.0), 3),
-                     "calibrated": round(share, 3), "queries": len(members),
-                     "adequate": sum(r["adequate"] for r in members)})
+    scored = [(calibration(r["raw"]), r) for r in results if r["skipped"] is None]
+    for lo, hi in zip(BANDS, BANDS[1:]):
+        members = [(p, r) for p, r in scored if lo <= p < hi or (hi == 1.0 and p == 1.0)]
+        rows.append({"calibrated_from": lo, "calibrated_to": hi,
+                     "raw_from": round(calibration.raw_for(lo), 3) if lo > 0 else 0.0,
+                     "raw_to": round(min(1.0, calibration.raw_for(hi)), 3) if hi < 1 else 1.0,
+                     "queries": len(members), "adequate": sum(r["adequate"] for _, r in members),
+                     "predicted": round(sum(p for p, _ in members) / len(members), 3) if members else None,
+                     "observed": round(sum(r["adequate"] for _, r in members) / len(members), 3) if members else None})
     return rows
 
 
@@ -85,14 +95,19 @@ def load_rows(path=DATA) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def fit(results: list[dict], bins: int = 6) -> Calibration:
-    return Calibration.fit([(r["raw"], r["adequate"]) for r in results if r["skipped"] is None], bins)
+def fit(results: list[dict]) -> Calibration:
+    return Calibration.fit([(r["raw"], r["adequate"]) for r in results if r["skipped"] is None])
 
 
-def calibrate_and_save(engine: LocalEngine, out_path: Path, bins: int = 6) -> Calibration:
-    """Fit the calibration of a freshly trained default model on the calibration split, and save it."""
-    print(f"Calibrating the hybrid router's confidence on {DATA.name} (about a minute)...", flush=True)
-    calibration = fit(evaluate(engine, [r for r in load_rows() if r["split"] == "calibration"]), bins)
+def calibrate_and_save(engine: LocalEngine, out_path: Path) -> Calibration | None:
+    """Fit the calibration of a freshly trained default model on the calibration split, and save it; None (raw
+    confidence is used) when the model's replies give nothing to fit."""
+    print(f"Calibrating the hybrid router's confidence on {DATA.name} (about 10 seconds)...", flush=True)
+    try:
+        calibration = fit(evaluate(engine, [r for r in load_rows() if r["split"] == "calibration"]))
+    except ValueError as exc:
+        log.warning("could not calibrate %s, routing on raw confidence: %s", out_path.parent, exc)
+        return None
     calibration.save(out_path)
     return calibration
 
@@ -102,7 +117,6 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: MODEL_PATH or the default model)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--threshold", type=float, default=None, help="default: HYBRID_MODE_THRESHOLD")
-    parser.add_argument("--bins", type=int, default=6)
     parser.add_argument("--write", action="store_true", help="save calibration.json beside the model")
     parser.add_argument("--show", action="store_true", help="print each held-out reply")
     args = parser.parse_args(argv)
@@ -117,7 +131,10 @@ def main(argv=None) -> None:
     results = evaluate(engine, load_rows(args.data))
     fit_on = [r for r in results if r["split"] == "calibration"]
     held_out = [r for r in results if r["split"] == "held_out"]
-    calibration = fit(fit_on, args.bins)
+    try:
+        calibration = fit(fit_on)
+    except ValueError as exc:
+        parser.exit(1, f"cannot calibrate {path}: {exc}\n")
     if args.write:
         calibration.save(path / CALIBRATION_FILE)
     if args.show:
@@ -125,7 +142,10 @@ def main(argv=None) -> None:
             print(f"{r['kind']:7} {r['text'][:50]!r:55} -> {r.get('reply', '(skipped: ' + str(r['skipped']) + ')')[:60]!r}"
                   f" raw={r.get('raw', 0):.2f} ok={r.get('adequate')}")
     print(json.dumps({
-        "model": str(path), "threshold": threshold, "calibration_table": table(fit_on, calibration),
+        "model": str(path), "threshold": threshold, "calibration": calibration.to_dict(),
+        "raw_confidence_at_threshold": round(calibration.raw_for(threshold), 3),
+        "calibration_table": table(fit_on, calibration),
+        "calibration_table_held_out": table(held_out, calibration),
         "routing_calibration_split": routing(fit_on, calibration, threshold),
         "routing_held_out": routing(held_out, calibration, threshold),
         "written": str(path / CALIBRATION_FILE) if args.write else None,

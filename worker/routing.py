@@ -1,7 +1,7 @@
 """Which queries are clearly beyond the local model, and how raw confidence maps to P(adequate reply)."""
 
-import bisect
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ TASK_HINTS = re.compile(
     r"why does|why do|how does|how do i|how can i|what would happen)\b",
     re.IGNORECASE,
 )
+MIN_RAW = 1e-6  # raw confidence is a geometric-mean probability; 0 (an empty reply) is clamped to this
 MATH = re.compile(r"\d+\s*[-+*/^%]\s*\d+|\b(integral|derivative|equation|matrix|probability)\b", re.IGNORECASE)
 
 
@@ -39,45 +40,59 @@ def looks_complex(text: str) -> str | None:
 
 @dataclass
 class Calibration:
-    """Piecewise-constant map from the model's raw confidence to the measured share of adequate replies."""
+    """Platt scaling: P(adequate reply) = sigmoid(slope * log(raw) + intercept), where log(raw) is the reply's
+    mean token log-probability. Fitted by logistic regression on labelled replies; slope > 0, so it only rises."""
 
-    edges: list[float]  # ascending raw-confidence lower bounds of each bin
-    adequate: list[float]  # share of adequate replies in each bin (made monotone)
+    slope: float = 1.0
+    intercept: float = 0.0
 
     def __call__(self, raw: float) -> float:
-        if not self.edges:
-            return raw
-        i = bisect.bisect_right(self.edges, raw) - 1
-        return self.adequate[max(i, 0)]
+        z = self.slope * math.log(max(raw, MIN_RAW)) + self.intercept
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+    def raw_for(self, calibrated: float) -> float:
+        """The raw confidence at which the calibrated score reaches `calibrated` (0 < calibrated < 1)."""
+        return math.exp((math.log(calibrated / (1 - calibrated)) - self.intercept) / self.slope)
 
     @classmethod
-    def fit(cls, samples: list[tuple[float, bool]], bins: int = 8) -> "Calibration":
-        """Equal-count bins of raw confidence, then pool adjacent violators so the map only goes up."""
-        samples = sorted(samples)
-        if not samples:
-            return cls([], [])
-        size = max(1, len(samples) // bins)
-        groups = [samples[i:i + size] for i in range(0, len(samples), size)]
-        blocks = [[g[0][0], sum(ok for _, ok in g), len(g)] for g in groups]
-        merged: list[list] = []
-        for block in blocks:
-            merged.append(block)
-            while len(merged) > 1 and merged[-2][1] / merged[-2][2] > merged[-1][1] / merged[-1][2]:
-                last = merged.pop()
-                merged[-1][1] += last[1]
-                merged[-1][2] += last[2]
-        return cls([0.0] + [b[0] for b in merged[1:]], [b[1] / b[2] for b in merged])
+    def fit(cls, samples: list[tuple[float, bool]], l2: float = 1e-3, steps: int = 50) -> "Calibration":
+        """Newton's method on the logistic loss over (raw confidence, adequate) pairs; a little L2 keeps it
+        finite when the labels separate. Raises ValueError without both adequate and inadequate replies."""
+        labels = {bool(ok) for _, ok in samples}
+        if labels != {True, False}:
+            raise ValueError("calibration needs both adequate and inadequate replies")
+        xs = [math.log(max(raw, MIN_RAW)) for raw, _ in samples]
+        ys = [1.0 if ok else 0.0 for _, ok in samples]
+        a = b = 0.0
+        for _ in range(steps):
+            ga, gb, haa, hab, hbb = l2 * a, 0.0, l2, 0.0, 1e-9
+            for x, y in zip(xs, ys):
+                p = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, a * x + b))))
+                w = p * (1 - p)
+                ga, gb = ga + (p - y) * x, gb + (p - y)
+                haa, hab, hbb = haa + w * x * x, hab + w * x, hbb + w
+            det = haa * hbb - hab * hab
+            da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+            a, b = a - da, b - db
+            if abs(da) + abs(db) < 1e-10:
+                break
+        if a <= 0:
+            raise ValueError("adequacy does not rise with the model's confidence: nothing to calibrate")
+        return cls(a, b)
 
     def to_dict(self) -> dict:
-        return {"edges": self.edges, "adequate": self.adequate}
+        return {"method": "platt", "slope": self.slope, "intercept": self.intercept}
 
     @classmethod
     def load(cls, path) -> "Calibration | None":
+        """The saved calibration; None when there is none or it is from an older format (fit it again)."""
         path = Path(path)
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        return cls(list(data["edges"]), list(data["adequate"]))
+        if data.get("method") != "platt":
+            return None
+        return cls(float(data["slope"]), float(data["intercept"]))
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -74,17 +74,45 @@ def test_judge_never_calls_a_complex_reply_adequate():
     assert not is_adequate({"kind": "complex", "topic": "complex"}, "Hello! My name is Pioneer.")
 
 
-def test_calibration_is_monotone_and_round_trips(tmp_path):
-    # Raw confidence 0.1..0.9; adequacy mostly rises with it, with one dip that must be pooled away.
-    samples = [(0.1, False), (0.15, False), (0.2, True), (0.25, False), (0.5, True), (0.55, True),
-               (0.6, False), (0.65, True), (0.8, True), (0.85, True), (0.9, True), (0.95, True)]
-    calibration = Calibration.fit(samples, bins=6)
-    assert calibration.adequate == sorted(calibration.adequate)
-    assert calibration(0.0) == 0.0 and calibration(0.22) == 0.5
-    assert calibration(0.52) == calibration(0.62) == 0.75  # 1.0 then 0.5 pooled: 3 of 4 adequate
-    assert calibration(0.99) == 1.0
-    assert all(0.0 <= calibration(x / 100) <= 1.0 for x in range(101))
+def test_calibration_rises_with_confidence_and_matches_the_observed_share(tmp_path):
+    # Adequacy rises with raw confidence: 1 in 4 adequate around 0.3, 2 in 4 around 0.6, all 8 around 0.95.
+    samples = [(0.3, False), (0.28, False), (0.32, True), (0.31, False),
+               (0.6, True), (0.62, False), (0.58, True), (0.61, False)] + [(0.95 + i / 200, True) for i in range(8)]
+    calibration = Calibration.fit(samples)
+    assert calibration.slope > 0
+    scores = [calibration(x / 100) for x in range(1, 101)]
+    assert scores == sorted(scores) and all(0.0 < s < 1.0 for s in scores)
+    # Logistic regression matches the observed total: predicted shares sum to the number of adequate replies.
+    assert sum(calibration(raw) for raw, _ in samples) == pytest.approx(sum(ok for _, ok in samples), abs=0.05)
+    assert calibration(0.3) < 0.4 < calibration(0.6) < 0.8 < calibration(0.96)
+    assert calibration.raw_for(calibration(0.7)) == pytest.approx(0.7)
+    assert calibration(0.0) < 0.01  # an empty reply: raw confidence 0
     calibration.save(tmp_path / "calibration.json")
     assert Calibration.load(tmp_path / "calibration.json") == calibration
     assert Calibration.load(tmp_path / "missing.json") is None
-    assert Calibration([], [])(0.42) == 0.42  # uncalibrated: raw confidence passes through
+    (tmp_path / "old.json").write_text('{"edges": [0.0, 0.5], "adequate": [0.2, 0.9]}')
+    assert Calibration.load(tmp_path / "old.json") is None  # an older format is fitted again, not misread
+
+
+def test_calibration_refuses_data_it_cannot_fit():
+    with pytest.raises(ValueError, match="both"):
+        Calibration.fit([(0.9, True), (0.5, True)])
+    with pytest.raises(ValueError, match="does not rise"):
+        Calibration.fit([(0.9, False), (0.8, False), (0.3, True), (0.2, True)])
+
+
+def test_reliability_table_and_routing_figures():
+    from worker.calibrate import routing, table
+
+    results = [{"kind": "simple", "skipped": None, "raw": raw, "adequate": ok}
+               for raw, ok in [(0.3, False), (0.35, False), (0.6, True), (0.62, False), (0.97, True), (0.98, True)]]
+    results.append({"kind": "complex", "skipped": "code"})
+    calibration = Calibration.fit([(r["raw"], r["adequate"]) for r in results if r["skipped"] is None])
+    rows = table(results, calibration)
+    assert sum(r["queries"] for r in rows) == 6 and sum(r["adequate"] for r in rows) == 3
+    assert [r["raw_from"] for r in rows] == sorted(r["raw_from"] for r in rows)
+    top = rows[-1]
+    assert top["queries"] == 2 and top["observed"] == 1.0 and top["raw_from"] <= 0.97
+    figures = routing(results, calibration, 0.8)
+    assert figures["simple"] == {"queries": 6, "answered_locally": 2, "share_local": 0.333, "adequate_when_local": 1.0}
+    assert figures["complex"]["answered_locally"] == 0
