@@ -15,18 +15,19 @@ class CeleryDispatcher:
     """Enqueue on the Redis broker; `pioneer worker` processes answer."""
 
     def __init__(self, redis_url: str, task_expires_s: int = 300):
-        from .celery_app import QUEUE, TASK_NAME, make_celery
+        from .celery_app import QUEUE, TASK_NAME, hidden_args, make_celery
         from .settings import get_worker_settings
 
         settings = get_worker_settings()
         self.app = make_celery(redis_url, settings.visibility_timeout_s, task_expires_s)
         self.task_name, self.queue = TASK_NAME, QUEUE
         self.task_expires_s = task_expires_s
+        self.hidden_args = hidden_args
 
     async def submit(self, payload: dict) -> None:
         await asyncio.to_thread(
             self.app.send_task, self.task_name, args=[payload], task_id=payload["request_id"], queue=self.queue,
-            expires=self.task_expires_s, retry=True, retry_policy=PUBLISH_RETRY,
+            expires=self.task_expires_s, retry=True, retry_policy=PUBLISH_RETRY, **self.hidden_args(payload),
         )
 
     async def queue_depth(self) -> int:

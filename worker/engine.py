@@ -1,12 +1,13 @@
 """The local inference engine: one model per worker process, serving concurrent requests."""
 
+import asyncio
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import torch
 
@@ -18,7 +19,7 @@ from pioneer_model.prefix import measure as measure_prefix
 from pioneer_model.quantize import quantize_int8
 
 from . import metrics
-from .scheduler import Scheduler
+from .scheduler import Scheduler, Ticket
 
 log = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 8  # prefix-cache writes queued at most; more are skipped
@@ -115,59 +116,71 @@ class LocalEngine:
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
         """Yield text deltas of a reply (greedy unless temperature > 0); the generator's return value is the
         LocalReply. Greedy replies are cached whole."""
-        started = time.perf_counter()
-        max_new = max_new_tokens or self.max_new_tokens
+        reply = self._begin(messages, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                           seed=seed))
+        try:
+            reply.submit()
+            for token_id, logprob in reply.steps:
+                delta = reply.add(token_id, logprob)
+                if delta:
+                    yield delta
+            tail = reply.flush()
+            if tail:
+                yield tail
+        finally:
+            reply.close()
+        return reply.result()
+
+    async def astream(self, messages: list[dict], max_new_tokens: int | None = None,
+                      **sampling) -> AsyncIterator[str | LocalReply]:
+        """stream() for an event loop, without a thread per reply: tokens come from the scheduler thread straight
+        to the loop. Yields text deltas, then the LocalReply. Fetching cached prefixes runs in a thread."""
+        reply = self._begin(messages, max_new_tokens, sampling)
+        try:
+            if reply.cached is None and self._may_reuse_prefix(len(reply.ids)):
+                await asyncio.to_thread(reply.submit)
+            else:
+                reply.submit()
+            steps = reply.steps if reply.ticket is None else reply.ticket.aiter()
+            async for token_id, logprob in _as_async(steps):
+                delta = reply.add(token_id, logprob)
+                if delta:
+                    yield delta
+            tail = reply.flush()
+            if tail:
+                yield tail
+        finally:
+            reply.close()
+        yield reply.result()
+
+    def _begin(self, messages: list[dict], max_new_tokens: int | None, sampling: dict) -> "_Reply":
         ids = self.prompt_ids(messages)
-        greedy = temperature is None or temperature <= 0
-        key = cache_key(self.model_id, "reply", max_new, torch.tensor(ids))
-        use_cache = self.cache is not None and greedy
-        cached = self.cache.get(key) if use_cache else None
-        decoder = self.tokenizer.stream_decoder()
-        token_ids, logprobs, parts = [], [], []
+        reply = _Reply(self, ids, max_new_tokens or self.max_new_tokens, sampling)
         with self.stats.lock:
             self.stats.requests += 1
             self.stats.busy += 1
-        try:
-            if cached is not None:
-                steps = zip(cached["tokens"].tolist(), cached["logprobs"].tolist())
-            else:
-                steps = self.generate(ids, max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-            for token_id, logprob in steps:
-                token_ids.append(token_id)
-                logprobs.append(logprob)
-                delta = decoder.add(token_id)
-                if delta:
-                    parts.append(delta)
-                    yield delta
-            tail = decoder.flush()
-            if tail:
-                parts.append(tail)
-                yield tail
-        finally:
-            with self.stats.lock:
-                self.stats.busy -= 1
-                self.stats.generated_tokens += 0 if cached is not None else len(token_ids)
-                self.stats.cache_hits += cached is not None
-            if use_cache and self.cache.enabled:
-                (metrics.CACHE_HITS if cached is not None else metrics.CACHE_MISSES).inc()
-        if cached is None and use_cache and token_ids:
-            self.cache.put(key, {"tokens": torch.tensor(token_ids), "logprobs": torch.tensor(logprobs)})
-        return LocalReply("".join(parts), token_ids, logprobs, len(ids), cached is not None, time.perf_counter() - started)
+        return reply
 
     def generate(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None) -> Iterator[tuple[int, float]]:
         """Yield (token id, log-probability) of one request, decoded in the shared batch."""
+        ticket = self.submit(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        try:
+            yield from ticket
+        finally:
+            ticket.cancel()  # the caller stopped reading: free its row (no-op once finished)
+
+    def submit(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Ticket:
+        """Queue one request in the shared batch (after looking up its cached prefix); read tokens from the
+        ticket, and cancel it to stop early."""
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
         seq = make_sequence(self.model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, eos_token_id=self.tokenizer.eos_id, generator=generator)
         self._attach_prefix(seq)
-        ticket = self.scheduler.submit(seq)
-        try:
-            yield from ticket
-        finally:
-            ticket.cancel()  # the caller stopped reading: free its row (no-op once finished)
+        return self.scheduler.submit(seq)
 
     def reply(self, messages: list[dict], max_new_tokens: int | None = None, **sampling) -> LocalReply:
         """Generate a whole reply (used to decide before streaming whether to keep it)."""
@@ -206,12 +219,17 @@ class LocalEngine:
             log.info("prefix cache: %s", self.prefix_measurement)
             return self.prefix_measurement
 
-    def _attach_prefix(self, seq) -> None:
+    def _may_reuse_prefix(self, prompt_tokens: int) -> bool:
+        """Whether a prompt this long may look up a cached prefix (which fetches from the cache)."""
         c = self.model.config
-        if self.prefix is None or (c.decoder_only and len(seq.prompt) <= self.prefix.chunk_tokens):
+        if self.prefix is None or (c.decoder_only and prompt_tokens <= self.prefix.chunk_tokens):
+            return False
+        return self.prefix_policy != "auto" or self.prefix_measurement is None or self.prefix_measurement["use"]
+
+    def _attach_prefix(self, seq) -> None:
+        if not self._may_reuse_prefix(len(seq.prompt)) or not self.prefix_in_use():
             return
-        if not self.prefix_in_use():
-            return
+        c = self.model.config
         try:
             if c.decoder_only:
                 seq.prefix = self.prefix.lookup(seq.prompt, limit=len(seq.prompt) - 1)  # keep a token to prefill
@@ -284,6 +302,76 @@ class LocalEngine:
             "batching": self.scheduler.snapshot(),
             "prefix_cache": prefix,
         }
+
+
+class _Reply:
+    """The bookkeeping of one reply: reply-cache lookup, the request in the batch, text decoding, statistics."""
+
+    def __init__(self, engine: LocalEngine, ids: list[int], max_new_tokens: int, sampling: dict):
+        self.engine, self.ids, self.max_new_tokens, self.sampling = engine, ids, max_new_tokens, sampling
+        self.started = time.perf_counter()
+        temperature = sampling.get("temperature")
+        self.use_cache = engine.cache is not None and (temperature is None or temperature <= 0)
+        self.key = cache_key(engine.model_id, "reply", max_new_tokens, torch.tensor(ids)) if self.use_cache else None
+        self.cached = engine.cache.get(self.key) if self.use_cache else None
+        self.decoder = engine.tokenizer.stream_decoder()
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.parts: list[str] = []
+        self.ticket: Ticket | None = None
+        self.steps = zip(self.cached["tokens"].tolist(), self.cached["logprobs"].tolist()) if self.cached else ()
+        self.closed = False
+
+    def submit(self) -> None:
+        if self.cached is None:
+            sampling = {k: v for k, v in self.sampling.items() if v is not None}
+            self.ticket = self.engine.submit(self.ids, self.max_new_tokens, **sampling)
+            self.steps = self.ticket
+
+    def add(self, token_id: int, logprob: float) -> str:
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        delta = self.decoder.add(token_id)
+        if delta:
+            self.parts.append(delta)
+        return delta
+
+    def flush(self) -> str:
+        tail = self.decoder.flush()
+        if tail:
+            self.parts.append(tail)
+        return tail
+
+    def close(self) -> None:
+        """Once, however the reply ended: free its row, count it, and cache a finished greedy reply."""
+        if self.closed:
+            return
+        self.closed = True
+        engine, hit = self.engine, self.cached is not None
+        finished = self.ticket is None or self.ticket.finished
+        if self.ticket is not None:
+            self.ticket.cancel()  # the reader stopped early: free its row (no-op once finished)
+        with engine.stats.lock:
+            engine.stats.busy -= 1
+            engine.stats.generated_tokens += 0 if hit else len(self.token_ids)
+            engine.stats.cache_hits += hit
+        if self.use_cache and engine.cache.enabled:
+            (metrics.CACHE_HITS if hit else metrics.CACHE_MISSES).inc()
+        if not hit and self.use_cache and self.token_ids and finished:
+            engine.cache.put(self.key, {"tokens": torch.tensor(self.token_ids), "logprobs": torch.tensor(self.logprobs)})
+
+    def result(self) -> LocalReply:
+        return LocalReply("".join(self.parts), self.token_ids, self.logprobs, len(self.ids), self.cached is not None,
+                          time.perf_counter() - self.started)
+
+
+async def _as_async(steps):
+    if hasattr(steps, "__anext__"):
+        async for step in steps:
+            yield step
+    else:
+        for step in steps:
+            yield step
 
 
 def dtype_name(dtype: torch.dtype) -> str:

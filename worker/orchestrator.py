@@ -6,6 +6,7 @@ get_attention_info) for people who use Pioneer as a library, without the queue.
 
 import asyncio
 import logging
+import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
@@ -103,6 +104,7 @@ class Orchestrator:
         self.threshold = threshold
         self.calibration = calibration
         self.counts: dict[str, int] = defaultdict(int)
+        self._loading = threading.Lock()
 
     @property
     def engine_loaded(self) -> bool:
@@ -110,9 +112,22 @@ class Orchestrator:
 
     @property
     def engine(self) -> LocalEngine:
-        if not isinstance(self._engine, LocalEngine):
-            self._engine = self._engine()
+        with self._loading:
+            if not isinstance(self._engine, LocalEngine):
+                self._engine = self._engine()
         return self._engine
+
+    async def loaded_engine(self) -> LocalEngine:
+        """The engine, loading it in a thread the first time (seconds), never on the event loop."""
+        return self._engine if self.engine_loaded else await asyncio.to_thread(lambda: self.engine)
+
+    async def _local_reply(self, messages) -> LocalReply:
+        """The whole local reply (to decide on before any of it is shown)."""
+        engine = await self.loaded_engine()
+        async for item in engine.astream(messages):
+            if isinstance(item, LocalReply):
+                return item
+        raise RuntimeError("the engine ended a reply without its result")
 
     def calibrated(self, raw: float) -> float:
         return self.calibration(raw) if self.calibration is not None else raw
@@ -156,7 +171,7 @@ class Orchestrator:
         reason = looks_complex(query)
         local: LocalReply | None = None
         if reason is None or not openai_ready:
-            local = await asyncio.to_thread(self.engine.reply, messages)
+            local = await self._local_reply(messages)
             score = self.calibrated(local.raw_confidence)
             if score >= self.threshold or not openai_ready:
                 route = f"confidence {score:.2f} >= {self.threshold}" if score >= self.threshold else "openai not configured"
@@ -184,7 +199,7 @@ class Orchestrator:
                 yield RETRACT
             fallback = error.kind
         if local is None:
-            local = await asyncio.to_thread(self.engine.reply, messages)
+            local = await self._local_reply(messages)
         async for item in self._replay(local, self.calibrated(local.raw_confidence), route, fallback=fallback):
             yield item if isinstance(item, str) else self._done(item, started)
 
@@ -195,30 +210,12 @@ class Orchestrator:
 
     async def _stream_local(self, messages, route: str):
         """Stream tokens as the model makes them (mode=local: nothing to decide first)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        def produce():
-            gen = self.engine.stream(messages)
-            try:
-                while True:
-                    loop.call_soon_threadsafe(queue.put_nowait, next(gen))
-            except StopIteration as stop:
-                loop.call_soon_threadsafe(queue.put_nowait, (done, stop.value))
-            except BaseException as exc:  # noqa: BLE001 - handed to the event loop, re-raised there
-                loop.call_soon_threadsafe(queue.put_nowait, (done, exc))
-
-        producer = loop.run_in_executor(None, produce)
-        while True:
-            item = await queue.get()
-            if isinstance(item, tuple) and item and item[0] is done:
-                await producer
-                if isinstance(item[1], BaseException):
-                    raise item[1]
-                reply: LocalReply = item[1]
-                break
-            yield item
+        engine = await self.loaded_engine()
+        async for item in engine.astream(messages):
+            if isinstance(item, LocalReply):
+                reply = item
+            else:
+                yield item
         score = self.calibrated(reply.raw_confidence)
         yield ReplyMeta("local", round(score, 4), round(reply.raw_confidence, 4), reply.usage, route,
                         cached=reply.cached)

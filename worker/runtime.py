@@ -79,18 +79,49 @@ async def answer_request(payload: dict, orchestrator: Orchestrator, publisher) -
     already), or busy (a live attempt elsewhere holds the request's lease: a redelivered copy of a running task)."""
     request_id = payload["request_id"]
     attempt = uuid.uuid4().hex[:12]
-    outcome = publisher.begin(request_id, attempt, LEASE_S)
+    replies = orchestrator.stream(payload["messages"], payload.get("mode"), retract=True)
+    first = None
+    if getattr(publisher, "remote", False) and (payload.get("mode") or orchestrator.mode) == "local":
+        # The local model prefills while the claim makes its round trip to Redis; nothing is published before the
+        # claim is ours. Other modes claim first: they may call the OpenAI API, which costs money.
+        first = asyncio.ensure_future(anext(replies, None))
+        outcome = await asyncio.to_thread(publisher.begin, request_id, attempt, LEASE_S)
+    else:
+        outcome = publisher.begin(request_id, attempt, LEASE_S)
     if outcome != "claimed":
+        await _discard(first, replies)
         return outcome
     lease = asyncio.create_task(keep_lease(publisher, request_id, attempt))
     try:
-        return await _answer(payload, orchestrator, publisher, attempt)
+        return await _answer(payload, _after(first, replies), publisher, attempt)
     finally:
         lease.cancel()
         try:
             publisher.release(request_id, attempt)
         except Exception as exc:  # Redis away: the lease lapses by itself within LEASE_S
             log.warning("could not release the lease on %s: %s", request_id, exc)
+
+
+async def _after(first: asyncio.Future | None, replies):
+    """The replies, starting with the item already being fetched."""
+    if first is not None:
+        item = await first
+        if item is None:
+            return
+        yield item
+    async for item in replies:
+        yield item
+
+
+async def _discard(first: asyncio.Future | None, replies) -> None:
+    """Stop a reply started before its claim was refused (the model frees its row)."""
+    if first is not None:
+        first.cancel()
+        try:
+            await first
+        except BaseException:  # noqa: BLE001 - cancelled, or failed: either way nothing is published
+            pass
+    await replies.aclose()
 
 
 async def keep_lease(publisher, request_id: str, attempt: str) -> None:
@@ -105,14 +136,14 @@ async def keep_lease(publisher, request_id: str, attempt: str) -> None:
             log.warning("could not renew the lease on request %s: %s", request_id, exc)
 
 
-async def _answer(payload: dict, orchestrator: Orchestrator, publisher, attempt: str) -> str:
+async def _answer(payload: dict, replies, publisher, attempt: str) -> str:
     request_id = payload["request_id"]
     seq, meta, started, retracted, writing = 0, None, time.perf_counter(), 0, attempt
     if payload.get("enqueued_at"):
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - payload["enqueued_at"]))
     metrics.IN_PROGRESS.inc()
     try:
-        async for item in orchestrator.stream(payload["messages"], payload.get("mode"), retract=True):
+        async for item in replies:
             if isinstance(item, ReplyMeta):
                 meta = item
             elif item is RETRACT:  # a new attempt on the stream: readers drop the text of the old one

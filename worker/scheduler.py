@@ -1,5 +1,6 @@
 """The engine's scheduler: one thread runs continuous batching for every request of this worker process."""
 
+import asyncio
 import atexit
 import logging
 import queue
@@ -18,21 +19,64 @@ _schedulers: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 
 
 class Ticket:
-    """A submitted request: the caller reads (token, logprob) pairs from `tokens` until DONE (or an error)."""
+    """A submitted request: the caller reads (token, logprob) pairs until DONE (or an error), by iterating it
+    on any thread or with `async for ... in ticket.aiter()` on an event loop."""
 
     def __init__(self, seq: Sequence):
         self.seq = seq
         self.tokens: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False
+        self.finished = False  # the reader got DONE: every token was read
         self.submitted = time.perf_counter()
+        self._wake = None  # set by aiter(): wakes the reader's event loop
+        self.caught_up = threading.Event()  # the reader has handled every token so far and waits for more
+
+    def put(self, item) -> None:
+        """Scheduler thread: hand the reader a token, DONE or an error."""
+        self.tokens.put(item)
+        wake = self._wake
+        if wake is not None:
+            wake()
+
+    def _take(self, item):
+        if item is DONE:
+            self.finished = True
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def __iter__(self):
         while True:
-            item = self.tokens.get()
-            if item is DONE:
+            try:
+                item = self.tokens.get_nowait()
+            except queue.Empty:
+                self.caught_up.set()
+                item = self.tokens.get()
+            if (item := self._take(item)) is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
+            yield item
+
+    async def aiter(self):
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake():
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the reader's loop has closed
+                pass
+
+        self._wake = wake
+        while True:
+            ready.clear()  # before looking, so a put between the look and the wait still wakes us
+            try:
+                item = self.tokens.get_nowait()
+            except queue.Empty:
+                self.caught_up.set()
+                await ready.wait()
+                continue
+            if (item := self._take(item)) is None:
+                return
             yield item
 
     def cancel(self) -> None:
@@ -45,9 +89,10 @@ class Scheduler:
     alone, then runs one decoding step for all active requests, streaming each token to its caller."""
 
     def __init__(self, model, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
-                 on_prefill=None):
+                 on_prefill=None, first_token_wait_s: float = 0.002):
         self.decoder = BatchDecoder(model, max_batch_size, on_prefill)
         self.max_batch_size = max_batch_size
+        self.first_token_wait_s = first_token_wait_s
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * model.config.sequence_length
         self.waiting: deque[Ticket] = deque()
         self.tickets: dict[int, Ticket] = {}  # id(seq) -> ticket, for the active rows
@@ -98,7 +143,7 @@ class Scheduler:
             ticket = self.waiting[0]
             if ticket.cancelled:
                 self.waiting.popleft()
-                ticket.tokens.put(DONE)
+                ticket.put(DONE)
                 continue
             need = ticket.seq.reserved
             busy = self.decoder.active or admitted
@@ -122,10 +167,19 @@ class Scheduler:
                 try:
                     for ticket in admitted:
                         self._prefill(ticket)
+                    self._let_readers_catch_up(admitted)
                     self._step()
                 except Exception as exc:  # fail the requests in the batch, keep serving the next ones
                     log.exception("batched decoding failed")
                     self._fail_all(exc)
+
+    def _let_readers_catch_up(self, admitted: list[Ticket]) -> None:
+        """Time to first token is what a chat user notices: give the new requests' readers a moment (at most
+        first_token_wait_s) to pass their first token on before the next step competes with them for the CPU."""
+        deadline = time.perf_counter() + self.first_token_wait_s
+        for ticket in admitted:
+            if ticket.seq.row >= 0:  # still decoding (not finished or failed at its first token)
+                ticket.caught_up.wait(max(0.0, deadline - time.perf_counter()))
 
     def _prefill(self, ticket: Ticket) -> None:
         seq = ticket.seq
@@ -138,10 +192,10 @@ class Scheduler:
             log.exception("prefill failed")
             self.decoder.remove(seq)
             self._release(ticket)
-            ticket.tokens.put(RuntimeError(f"generation failed: {exc}"))
+            ticket.put(RuntimeError(f"generation failed: {exc}"))
             return
         self.stats["prefills"] += 1
-        ticket.tokens.put((token, logprob))
+        ticket.put((token, logprob))
         if seq.done:
             self._finish(ticket)
 
@@ -161,13 +215,13 @@ class Scheduler:
             self.stats["peak_tokens_in_flight"] = max(self.stats["peak_tokens_in_flight"], self.in_flight)
         for seq, token, logprob in self.decoder.step():
             ticket = self.tickets[id(seq)]
-            ticket.tokens.put((token, logprob))
+            ticket.put((token, logprob))
             if seq.done:
                 self._finish(ticket)
 
     def _finish(self, ticket: Ticket) -> None:
         self._release(ticket)
-        ticket.tokens.put(DONE)
+        ticket.put(DONE)
 
     def _release(self, ticket: Ticket) -> None:
         with self._cond:
@@ -181,7 +235,7 @@ class Scheduler:
             tickets = list(self.tickets.values())
         for ticket in tickets:
             self._release(ticket)
-            ticket.tokens.put(RuntimeError(f"generation failed: {exc}"))
+            ticket.put(RuntimeError(f"generation failed: {exc}"))
 
 
 @atexit.register

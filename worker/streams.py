@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -92,6 +93,8 @@ class StreamPublisher(ABC):
     def error(self, request_id: str, attempt: str, message: str, kind: str) -> None:
         self.publish(request_id, StreamEvent("error", 0, attempt, message, {"kind": kind}))
 
+    remote = False  # whether publishing and claiming make round trips to a server
+
     def claim(self, request_id: str, attempt: str, ttl_s: float) -> bool:
         """Take the lease on answering request_id; False while another live attempt holds it. The default
         (one process, no redelivery) always grants it."""
@@ -168,6 +171,8 @@ class RedisStreamBus(StreamBus):
     A stream gets its TTL with its final (or error) record, or when a reader gives up on it: under memory pressure
     Redis (maxmemory-policy volatile-lru) evicts keys that carry a TTL, and a reply in progress must not be one."""
 
+    remote = True
+
     def __init__(
         self,
         url: str,
@@ -194,6 +199,7 @@ class RedisStreamBus(StreamBus):
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), publish_retries),
             client_name=f"{client_name}-publisher",
         )
+        self._reader_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> pool
 
     def key(self, request_id: str) -> str:
         return f"{self.key_prefix}{request_id}"
@@ -204,11 +210,13 @@ class RedisStreamBus(StreamBus):
     def publish(self, request_id, event):
         # A retried XADD may land twice; readers drop duplicate (attempt, seq) pairs.
         key = self.key(request_id)
+        if not event.is_terminal:  # one command, not a MULTI/EXEC pipeline: less to do before the first chunk
+            self._client.xadd(key, event.to_fields(), maxlen=self.maxlen, approximate=True)
+            return
         with self._client.pipeline(transaction=True) as pipe:
             pipe.xadd(key, event.to_fields(), maxlen=self.maxlen, approximate=True)
-            if event.is_terminal:
-                pipe.expire(key, self.ttl_s)
-                pipe.set(self.done_key(request_id), event.kind, ex=self.ttl_s)
+            pipe.expire(key, self.ttl_s)
+            pipe.set(self.done_key(request_id), event.kind, ex=self.ttl_s)
             pipe.execute()
 
     def is_finished(self, request_id):
@@ -249,15 +257,22 @@ class RedisStreamBus(StreamBus):
         self._client.close()
 
     def _reader_client(self) -> redis.asyncio.Redis:
-        # Reconnecting is done by read() against its own deadline, so the client itself never retries.
-        return redis.asyncio.Redis.from_url(
-            self.url,
-            decode_responses=True,
-            socket_timeout=self.block_slice_s + 5,
-            socket_connect_timeout=2,
-            retry=AsyncRetry(NoBackoff(), 0),
-            client_name=f"{self.client_name}-reader",
-        )
+        """A client on this event loop's pool of reader connections: a reply is read on a connection that an
+        earlier reply used, without connecting again. Reconnecting is done by read() against its own deadline,
+        so the client itself never retries."""
+        loop = asyncio.get_running_loop()
+        pool = self._reader_pools.get(loop)
+        if pool is None:
+            pool = redis.asyncio.ConnectionPool.from_url(
+                self.url,
+                decode_responses=True,
+                socket_timeout=self.block_slice_s + 5,
+                socket_connect_timeout=2,
+                retry=AsyncRetry(NoBackoff(), 0),
+                client_name=f"{self.client_name}-reader",
+            )
+            self._reader_pools[loop] = pool
+        return redis.asyncio.Redis(connection_pool=pool)
 
     async def read(self, request_id, *, timeout_s, last_id="0"):
         key = self.key(request_id)

@@ -6,7 +6,7 @@ import sys
 
 from celery import signals
 
-from .celery_app import QUEUE, TASK_NAME, app
+from .celery_app import QUEUE, TASK_NAME, app, hidden_args
 from .runtime import LEASE_S, LoopThread, answer_request, build_orchestrator
 from .settings import get_worker_settings
 from .streams import make_stream_bus
@@ -145,7 +145,7 @@ def answer(payload: dict) -> str:
     if outcome == "busy":
         # The broker redelivered a task that another worker is still answering (it outlived the visibility
         # timeout). Check again later: if that worker dies, its lease lapses and this copy takes over.
-        answer.apply_async(args=[payload], countdown=LEASE_S, expires=remaining_s(payload))
+        answer.apply_async(args=[payload], countdown=LEASE_S, expires=remaining_s(payload), **hidden_args(payload))
     return outcome
 
 

@@ -363,3 +363,25 @@ def test_memory_bus_begin_sees_finished_requests():
     assert bus.begin("r", "a1", 5) == "claimed"
     bus.final("r", "a1", {"method": "local"})
     assert bus.begin("r", "a2", 5) == "duplicate"
+
+
+async def test_redis_replies_are_read_on_reused_connections(admin, prefix):
+    """A front-end reads every reply on a pooled connection: no new connection (and handshake) per reply."""
+    bus = make_redis_bus(prefix)
+    name = f"test-{prefix.split(':')[2][:12]}-reader"
+
+    def readers() -> int:
+        return sum(1 for c in admin.client_list() if c.get("name") == name)
+
+    try:
+        for i in range(5):
+            publish_reply(bus, f"r{i}", ["hi"])
+            assert [e.kind for e in await collect(bus, f"r{i}")] == ["chunk", "final"]
+        assert readers() == 1
+        both = await asyncio.gather(collect(bus, "late1", timeout_s=5), collect(bus, "late2", timeout_s=5),
+                                    asyncio.to_thread(lambda: [time.sleep(0.2), publish_reply(bus, "late1", ["a"]),
+                                                               publish_reply(bus, "late2", ["b"])]))
+        assert [e.text for e in both[0]][0] == "a" and [e.text for e in both[1]][0] == "b"
+        assert readers() == 2  # two replies read at once: two connections, both kept for later replies
+    finally:
+        bus.close()

@@ -73,13 +73,14 @@ class SlowOrchestrator:
     """Streams three words over `seconds`, like a model."""
 
     def __init__(self, seconds: float):
-        self.seconds, self.calls = seconds, 0
+        self.seconds, self.calls, self.finished = seconds, 0, 0
 
     async def stream(self, messages, mode=None, *, retract=False):
         self.calls += 1
         for word in ("one ", "two ", "three"):
             await asyncio.sleep(self.seconds / 3)
             yield word
+        self.finished += 1
         yield ReplyMeta("local", 0.9)
 
 
@@ -95,4 +96,30 @@ async def test_a_redelivered_copy_of_a_running_task_waits_and_never_answers_twic
         assert await runtime.answer_request(payload, orchestrator, bus) == "duplicate"
     finally:
         bus.close()
-    assert orchestrator.calls == 1 and len(stream_attempts(redis_server.client(), "leased")) == 1  # one writer
+    # Local mode starts the model while the claim is checked: the refused copies were started, then stopped
+    # before their first word; only one attempt ran to the end and wrote to the stream.
+    assert orchestrator.calls == 3 and orchestrator.finished == 1
+    assert len(stream_attempts(redis_server.client(), "leased")) == 1
+
+
+async def test_local_mode_starts_the_model_before_the_claim_but_a_refused_copy_publishes_nothing(
+        redis_server, tiny_model_dir):
+    """Local mode prefills while the claim makes its round trip; a duplicate delivery is stopped before its first
+    token is published, and its row in the batch is freed."""
+    from worker.engine import LocalEngine
+    from worker.orchestrator import Orchestrator
+
+    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=40)
+    orchestrator, bus = Orchestrator(engine, None, mode="local"), RedisStreamBus(redis_server.url)
+    payload = {"request_id": "twice", "mode": None, "messages": [{"role": "user", "content": "hello there"}]}
+    try:
+        assert await runtime.answer_request(payload, orchestrator, bus) == "final"
+        records = stream_attempts(redis_server.client(), "twice")
+        assert await runtime.answer_request(payload, orchestrator, bus) == "duplicate"
+        assert stream_attempts(redis_server.client(), "twice") == records  # nothing more was written
+        assert engine.stats.requests == 2 and engine.stats.busy == 0
+        engine.reply(payload["messages"])  # the scheduler drops a cancelled row at its next step
+        assert engine.info()["batching"]["active"] == 0
+    finally:
+        bus.close()
+        engine.close()

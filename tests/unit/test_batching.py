@@ -165,3 +165,31 @@ def test_small_preset_reads_no_history_and_saves_it(tmp_path):
     assert config.max_history_messages == 0
     AttentionModel(config).save_pretrained(tmp_path)
     assert AttentionModel.from_pretrained(tmp_path).config.max_history_messages == 0
+
+
+async def test_async_stream_matches_the_threaded_one_and_frees_an_abandoned_row(engine):
+    """astream() reads tokens on the event loop (no thread per reply): same text and tokens as stream()."""
+    expected = engine.reply(conversation(6), max_new_tokens=24)
+    items = [item async for item in engine.astream(conversation(6), max_new_tokens=24)]
+    *deltas, reply = items
+    assert "".join(deltas) == reply.text == expected.text and reply.token_ids == expected.token_ids
+    abandoned = engine.astream(conversation(7), max_new_tokens=200)
+    await anext(abandoned)
+    await abandoned.aclose()
+    engine.reply(conversation(5))  # the scheduler drops the cancelled row at its next step
+    assert engine.info()["batching"]["active"] == 0
+
+
+def test_a_reader_that_stops_after_its_first_token_does_not_hold_up_the_batch(tiny_model_dir):
+    """The scheduler lets a new request's reader pass its first token on before the next step, but only for
+    first_token_wait_s: a reader that never comes back costs the batch that long once, not for ever."""
+    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=16)
+    engine.scheduler.first_token_wait_s = 0.2
+    try:
+        stalled = engine.generate(engine.prompt_ids(conversation(1)), 16)
+        next(stalled)  # read the first token, then never again (and never closed)
+        other = [t for t, _ in engine.generate(engine.prompt_ids(conversation(2)), 16)]
+        assert other == solo_tokens(engine.model, engine.prompt_ids(conversation(2)), 16, engine.tokenizer.eos_id)
+        stalled.close()
+    finally:
+        engine.close()
