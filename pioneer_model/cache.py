@@ -1,7 +1,11 @@
 """An LRU cache of attention computations over a small storage interface; tensors stored as safetensors bytes."""
 
 import hashlib
+import json
+import math
+import struct
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Protocol
 
@@ -100,6 +104,37 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     return load_tensors(data)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def view_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Safetensors bytes read without copying: read-only tensors over `data` (copy them before writing), for
+    megabytes of cached keys and values that are copied into a KV cache anyway. Raises ValueError when the
+    bytes are not a well-formed safetensors file."""
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors header")
+    (size,) = struct.unpack_from("<Q", data)
+    if 8 + size > len(data):
+        raise ValueError("header runs past the data")
+    header = json.loads(bytes(data[8:8 + size]))
+    base, tensors = 8 + size, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": these tensors are only read
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+            count = math.prod(shape)
+            if not 0 <= start <= end <= len(data) - base or end - start != count * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} does not match its data")
+            tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count
+                             else torch.empty(0, dtype=dtype)).view(shape)
+    return tensors
 
 
 class AttentionCache:

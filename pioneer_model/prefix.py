@@ -16,7 +16,7 @@ import zlib
 
 import torch
 
-from .cache import CacheStorage, cache_key, decode_tensors, encode_tensors
+from .cache import CacheStorage, cache_key, decode_tensors, encode_tensors, view_tensors
 
 DEFAULT_CHUNK_TOKENS = 64
 FETCH_GROUP = 4  # chunk values fetched per round trip: Redis streams a few large values faster than many at once
@@ -96,7 +96,7 @@ class PrefixCache:
             size, crc = (int(x) for x in marker.split(b":"))
             if len(data) != size or zlib.crc32(data) != crc:
                 raise ValueError("length or checksum differs from the marker")
-            entry = decode_tensors(data)
+            entry = view_tensors(data)  # read-only views: copied into the KV cache by the decoder
             if entry["k"].shape != entry["v"].shape or entry["k"].size(2) != entry["ids"].numel():
                 raise ValueError("malformed entry")
         except Exception:  # damaged: forget it, recompute from here

@@ -351,3 +351,19 @@ def test_cache_key_is_stable():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_view_tensors_reads_safetensors_without_copying_and_refuses_damage():
+    from pioneer_model.cache import view_tensors
+
+    tensors = {"ids": torch.arange(5), "k": torch.randn(2, 3, 5, 4), "v": torch.randn(2, 3, 5, 4).bfloat16(),
+               "empty": torch.zeros(0, 4)}
+    data = encode_tensors(tensors)
+    views = view_tensors(data)
+    assert set(views) == set(tensors)
+    assert all(torch.equal(views[name], tensors[name]) and views[name].dtype == tensors[name].dtype
+               for name in tensors)
+    assert views["k"].untyped_storage().data_ptr() != tensors["k"].untyped_storage().data_ptr()
+    for damaged in (data[:4], data[:-8], b"\xff" * 8 + data[8:], data[:8] + b"[" + data[9:]):
+        with pytest.raises((ValueError, KeyError)):
+            view_tensors(damaged)
