@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,6 +64,17 @@ def first_token_ms(engine: LocalEngine, ids) -> tuple[float, int]:
     return elapsed, token
 
 
+@contextmanager
+def recomputing(engine: LocalEngine):
+    """The same engine without its prefix cache: it prefills the whole prompt and writes nothing. One engine (one
+    scheduler thread) for both measurements, as a worker process has."""
+    prefix, engine.prefix = engine.prefix, None
+    try:
+        yield engine
+    finally:
+        engine.prefix = prefix
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
@@ -89,10 +101,9 @@ def main():
     writer = json.loads(subprocess.run(command + (["--threads", str(args.threads)] if args.threads else []),
                                        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     reuse = engine_for(model_dir, args.redis, namespace)
-    cold = LocalEngine.load(model_dir, max_new_tokens=REPLY_TOKENS)  # no cache: recomputes every prompt
     messages = writer["messages"] + [{"role": "user", "content": user_message(TURNS - 1)}]
     ids = reuse.prompt_ids(messages)
-    assert len(ids) <= cold.model.config.sequence_length - REPLY_TOKENS, "the prompt would be cut: shorten it"
+    assert len(ids) <= reuse.model.config.sequence_length - REPLY_TOKENS, "the prompt would be cut: shorten it"
     storage = reuse.prefix.storage
     left_by_writer = {name: storage.get(name) for name in reuse.prefix.entry_names(ids)}  # data before marker
 
@@ -104,8 +115,9 @@ def main():
             else:
                 storage.put(name, value)
 
-    for engine in (reuse, cold):  # warm up
-        first_token_ms(engine, ids)
+    first_token_ms(reuse, ids)  # warm up
+    with recomputing(reuse):
+        first_token_ms(reuse, ids)
     forget_own_writes()
     before = reuse.stats.reused_tokens
     first_token_ms(reuse, ids)
@@ -118,10 +130,13 @@ def main():
         samples["reuse"].append(ms)
         first_tokens.add(token)
         forget_own_writes()
-        ms, token = first_token_ms(cold, ids)
+        with recomputing(reuse):
+            ms, token = first_token_ms(reuse, ids)
         samples["cold"].append(ms)
         first_tokens.add(token)
-    same = [t for t, _ in reuse.generate(ids, REPLY_TOKENS)] == [t for t, _ in cold.generate(ids, REPLY_TOKENS)]
+    with recomputing(reuse):
+        cold_tokens = [t for t, _ in reuse.generate(ids, REPLY_TOKENS)]
+    same = [t for t, _ in reuse.generate(ids, REPLY_TOKENS)] == cold_tokens
     forget_own_writes()
     measured = reuse.measure_prefix_cache()
     result = {
@@ -138,14 +153,13 @@ def main():
         "writer_pid": writer["pid"], "reader_pid": os.getpid(),
         "auto_decision": measured,
         "settings": {"model": f"{args.preset} (random, decoder-only), SEQUENCE_LENGTH 1024",
-                     "parameters": cold.model.num_parameters(),
+                     "parameters": reuse.model.num_parameters(),
                      "cache": "real Redis", "repeats": args.repeats, "statistic": "median",
                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                      "load_average_before": load_before, "load_average_after": round(os.getloadavg()[0], 2)},
     }
     reuse.prefix.storage.clear()
     reuse.close()
-    cold.close()
     print(json.dumps(result, indent=2))
 
 

@@ -23,6 +23,7 @@ class Sequence:
     # each (layers, heads, chunk, head_dim)
     memory: torch.Tensor | None = None  # encoder-decoder: the encoder output (1, S, dim), if already known
     reused: int = 0  # prompt tokens whose keys/values (or encoder output) came from a cache
+    prefix_write: tuple | None = None  # copied keys/values of new prompt chunks, for the server to cache
     tokens: list[int] = field(default_factory=list)
     row: int = -1
     done: bool = False

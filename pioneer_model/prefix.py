@@ -3,7 +3,7 @@
 Chunk i of a prompt (its tokens i*C .. (i+1)*C) is stored under key_i = H(key_{i-1}, token ids of chunk i),
 with key_{-1} = H(namespace, C), so one key names the whole prefix up to and including that chunk. Its value
 is safetensors bytes {"ids", "k", "v"} (k, v: (layers, heads, C, head_dim)); a small marker entry holding
-the value's length and CRC32 is written after it, so a reader never trusts a half-written or damaged chunk.
+the value's length and xxh3 checksum is written after it, so a reader never trusts a half-written or damaged chunk.
 The prompt's last, partial chunk is stored too, under "tail" of the chain key before it: a follow-up whose
 tokens continue with it reuses it, so only the new turn is prefilled, not up to C - 1 tokens more.
 A missing, mismatched or undecodable chunk ends the prefix there (a miss), never an error.
@@ -12,14 +12,14 @@ Encoder-decoder models cache the encoder output of an exact source under H(names
 
 import threading
 import time
-import zlib
-
+from concurrent.futures import ThreadPoolExecutor
 import torch
+import xxhash
 
 from .cache import CacheStorage, cache_key, decode_tensors, encode_tensors, view_tensors
 
 DEFAULT_CHUNK_TOKENS = 64
-FETCH_GROUP = 4  # chunk values fetched per round trip: Redis streams a few large values faster than many at once
+FETCH_THREADS = 2  # chunk values are fetched in this many groups at once (the caller's thread and helpers)
 
 
 class PrefixCache:
@@ -33,6 +33,7 @@ class PrefixCache:
         self.stats = {"chunk_hits": 0, "chunk_misses": 0, "tail_hits": 0, "chunks_damaged": 0,
                       "chunks_written": 0, "encoder_hits": 0, "encoder_misses": 0}
         self._lock = threading.Lock()
+        self._fetcher: ThreadPoolExecutor | None = None
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -59,30 +60,59 @@ class PrefixCache:
         chunks, then maybe a partial one; empty on a miss."""
         limit = len(ids) if limit is None else min(limit, len(ids))
         keys, c = self.chunk_keys(ids, limit), self.chunk_tokens
-        markers = self._get_many([f"prefix:{key}:ok" for key in keys])
+        chains = [self.root, *keys]  # chains[i]: the key of the prefix before chunk i, which its tail hangs on
+        # One round trip for every marker: the full chunks', and the partial chunk's after each of them.
+        found = self._get_many([f"prefix:{key}:ok" for key in keys] + [f"prefix:{key}:tail:ok" for key in chains])
+        markers, tail_markers = found[:len(keys)], found[len(keys):]
         present = next((i for i, m in enumerate(markers) if m is None), len(keys))
-        pieces = []
-        for start in range(0, present, FETCH_GROUP):
-            group = [f"prefix:{key}" for key in keys[start:min(present, start + FETCH_GROUP)]]
-            for i, (name, data) in enumerate(zip(group, self._get_many(group)), start):
-                chunk = self._check(name, markers[i], data, lambda got, i=i: got == ids[i * c:(i + 1) * c])
-                if chunk is None:
+        tail_name = f"prefix:{chains[present]}:tail"
+        tail_marker = tail_markers[present] if present * c < limit else None
+        # Chunk values are fetched in a few groups at once, on their own connections: reading megabytes from a
+        # socket is CPU-bound in the client, and two readers took half the time of one.
+        size = max(1, -(-present // FETCH_THREADS))
+        starts = list(range(0, present, size)) or [0]
+        groups = [[f"prefix:{key}" for key in keys[start:min(present, start + size)]] for start in starts]
+        fetches = [self._fetch_pool().submit(self._get_many, group) for group in groups[1:]]
+        pieces, tail_data = [], None
+        try:
+            for n, (start, group) in enumerate(zip(starts, groups)):
+                if n == 0:  # the caller's own group, with the partial chunk that may follow the last one
+                    values = self._get_many(group + ([tail_name] if tail_marker is not None else []))
+                    values, tail_data = values[:len(group)], (values[len(group)] if len(values) > len(group) else None)
+                else:
+                    values = fetches[n - 1].result()
+                for i, (name, data) in enumerate(zip(group, values), start):
+                    chunk = self._check(name, markers[i], data, lambda got, i=i: got == ids[i * c:(i + 1) * c])
+                    if chunk is None:
+                        break
+                    pieces.append((chunk["k"], chunk["v"]))
+                if len(pieces) < start + len(group):
                     break
-                pieces.append((chunk["k"], chunk["v"]))
-            if len(pieces) < min(present, start + FETCH_GROUP):
-                break
+        finally:
+            for fetch in fetches:
+                fetch.cancel()
         self.count("chunk_hits", len(pieces))
         self.count("chunk_misses", len(keys) - len(pieces))
-        if len(pieces) == present and len(pieces) * c < limit:  # the chain ended cleanly: a partial chunk?
-            name = f"prefix:{keys[len(pieces) - 1] if pieces else self.root}:tail"
-            marker, data = self._get_many([name + ":ok", name])
-            rest = ids[len(pieces) * c:limit]
-            tail = None if marker is None else self._check(name, marker, data, lambda got: True)
-            shared = 0 if tail is None else common_prefix(tail["ids"].tolist(), rest)
+        if len(pieces) == present and tail_marker is not None:  # the chain ended cleanly: its partial chunk
+            tail = self._check(tail_name, tail_marker, tail_data, lambda got: True)
+            shared = 0 if tail is None else common_prefix(tail["ids"].tolist(), ids[present * c:limit])
             if shared:  # keys/values of a position depend only on the tokens up to it: any shared start is valid
                 pieces.append((tail["k"][:, :, :shared], tail["v"][:, :, :shared]))
                 self.count("tail_hits")
         return pieces
+
+    def _fetch_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(FETCH_THREADS - 1, thread_name_prefix="pioneer-prefix-fetch")
+            return self._fetcher
+
+    def close(self) -> None:
+        """Stop the fetching threads (lookups after this start them again)."""
+        with self._lock:
+            fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            fetcher.shutdown(wait=True)
 
     def _get_many(self, keys: list[str]) -> list[bytes | None]:
         get_many = getattr(self.storage, "get_many", None)  # one round trip where the storage offers it
@@ -93,8 +123,7 @@ class PrefixCache:
         if data is None:
             return None
         try:
-            size, crc = (int(x) for x in marker.split(b":"))
-            if len(data) != size or zlib.crc32(data) != crc:
+            if marker != chunk_marker(data):
                 raise ValueError("length or checksum differs from the marker")
             entry = view_tensors(data)  # read-only views: copied into the KV cache by the decoder
             if entry["k"].shape != entry["v"].shape or entry["k"].size(2) != entry["ids"].numel():
@@ -126,7 +155,7 @@ class PrefixCache:
     def _put(self, name: str, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         data = encode_tensors({"ids": torch.tensor(ids, dtype=torch.long), "k": k, "v": v})
         self.storage.put(name, data)
-        self.storage.put(name + ":ok", f"{len(data)}:{zlib.crc32(data)}".encode())
+        self.storage.put(name + ":ok", chunk_marker(data))
 
     def encoder_key(self, src_ids: list[int]) -> str:
         return "encoder:" + cache_key(self.namespace, "encoder", torch.tensor(src_ids, dtype=torch.long))
@@ -152,6 +181,11 @@ class PrefixCache:
     def store_encoder(self, src_ids: list[int], memory: torch.Tensor) -> None:
         self.storage.put(self.encoder_key(src_ids),
                          encode_tensors({"ids": torch.tensor(src_ids, dtype=torch.long), "memory": memory}))
+
+
+def chunk_marker(data: bytes) -> bytes:
+    """What a chunk's marker holds: the checksum kind, the value's length and its checksum."""
+    return b"xxh3:%d:%016x" % (len(data), xxhash.xxh3_64_intdigest(data))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

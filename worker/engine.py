@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -73,7 +74,7 @@ class LocalEngine:
         self.model_id = cache_key(self.name, model.config.to_dict(), model.tok_emb.weight.float(), self.precision)[:16]
         self.stats = EngineStats()
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight,
-                                   on_prefill=self._on_prefill)
+                                   on_prefill=self._on_prefill, on_first_token=self._on_first_token)
         if prefix_cache not in ("auto", "on", "off"):
             raise ValueError(f"prefix_cache must be auto, on or off, not {prefix_cache!r}")
         self.prefix_policy = prefix_cache
@@ -91,13 +92,14 @@ class LocalEngine:
         device = resolve_device(device)
         precision = resolve_precision(precision, device)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
-        if tokenizer is None:
-            raise ValueError(f"{path} has no tokenizer.json")
-        if precision == "int8":
-            quantize_int8(model)
-        return cls(model, tokenizer, cache=cache, max_new_tokens=max_new_tokens, name=Path(path).name,
-                   precision=precision, **options)
+        with one_torch_thread():
+            model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
+            if tokenizer is None:
+                raise ValueError(f"{path} has no tokenizer.json")
+            if precision == "int8":
+                quantize_int8(model)
+            return cls(model, tokenizer, cache=cache, max_new_tokens=max_new_tokens, name=Path(path).name,
+                       precision=precision, **options)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The chat prompt. System messages are left out: Pioneer's small models are trained on conversations
@@ -244,7 +246,8 @@ class LocalEngine:
             self.stats.reused_tokens += seq.reused
 
     def _on_prefill(self, seq) -> None:
-        """Scheduler thread, right after a prefill: queue the new chunks (or encoder output) for writing."""
+        """Scheduler thread, right after a prefill, while the row is set: copy the new chunks (or the encoder
+        output) to write once the first token is out (_on_first_token)."""
         if self.prefix is None or not self.prefix_in_use(measure=False):
             return
         if self.model.config.decoder_only:
@@ -253,9 +256,16 @@ class LocalEngine:
             if len(seq.prompt) >= chunk and seq.reused < len(seq.prompt) - 1:
                 first = seq.reused // chunk
                 k, v = self.scheduler.decoder.prompt_kv(seq, first * chunk, len(seq.prompt))
-                self._write(self.prefix.store, seq.prompt, k, v, first)
+                seq.prefix_write = (self.prefix.store, seq.prompt, k, v, first)
         elif not seq.reused:
-            self._write(self.prefix.store_encoder, seq.prompt, seq.memory.clone())
+            seq.prefix_write = (self.prefix.store_encoder, seq.prompt, seq.memory.clone())
+
+    def _on_first_token(self, seq) -> None:
+        """Scheduler thread, once the first token is handed to the reader: queue the copied chunks for writing
+        (a write started earlier competed with handing out that token)."""
+        pending, seq.prefix_write = seq.prefix_write, None
+        if pending is not None:
+            self._write(*pending)
 
     def _write(self, fn, *args) -> None:
         with self._writes_lock:
@@ -282,6 +292,8 @@ class LocalEngine:
         self.flush()
         self.scheduler.close()
         self._writer.shutdown(wait=True)
+        if self.prefix is not None:
+            self.prefix.close()
 
     def info(self) -> dict:
         prefix: dict = {"enabled": self.prefix is not None, "policy": self.prefix_policy}
@@ -372,6 +384,19 @@ async def _as_async(steps):
     else:
         for step in steps:
             yield step
+
+
+@contextmanager
+def one_torch_thread():
+    """Run torch single-threaded on this thread for a while. Every thread that runs a parallel op gets its own
+    OpenMP team: a model built on the caller's thread and run on the scheduler's would leave two teams competing
+    for the cores, and small ops (a short prefill, a decoding step) then ran about a third slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

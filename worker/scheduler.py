@@ -89,8 +89,9 @@ class Scheduler:
     alone, then runs one decoding step for all active requests, streaming each token to its caller."""
 
     def __init__(self, model, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
-                 on_prefill=None, first_token_wait_s: float = 0.002):
+                 on_prefill=None, on_first_token=None, first_token_wait_s: float = 0.002):
         self.decoder = BatchDecoder(model, max_batch_size, on_prefill)
+        self.on_first_token = on_first_token  # called with each sequence once its first token is handed out
         self.max_batch_size = max_batch_size
         self.first_token_wait_s = first_token_wait_s
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * model.config.sequence_length
@@ -196,6 +197,8 @@ class Scheduler:
             return
         self.stats["prefills"] += 1
         ticket.put((token, logprob))
+        if self.on_first_token is not None:
+            self.on_first_token(seq)
         if seq.done:
             self._finish(ticket)
 
