@@ -21,19 +21,12 @@ def median(values) -> float:
 def make_checkpoint(path: Path, preset: str = "small", seed: int = 0, **overrides) -> Path:
     """A random model of a preset (with config overrides) and a tokenizer trained on the ChatterBot corpus
     (special tokens muted, so greedy replies run to max_new_tokens)."""
-    from worker.engine import one_torch_thread
-
-    if (path / "model.safetensors").exists():
-        return path
-    with one_torch_thread():  # keep this thread out of OpenMP: only the engines' scheduler threads compute
-        return _make_checkpoint(path, preset, seed, overrides)
-
-
-def _make_checkpoint(path: Path, preset: str, seed: int, overrides: dict) -> Path:
     from pioneer_model import PRESETS, AttentionModel, ModelConfig
     from pioneer_model.data import load_chatterbot_pairs
     from pioneer_model.tokenizer import Tokenizer
 
+    if (path / "model.safetensors").exists():
+        return path
     pairs = load_chatterbot_pairs()
     tokenizer = Tokenizer.train((t for p in pairs for t in (p.prompt, p.reply)), vocab_size=2048)
     torch.manual_seed(seed)

@@ -5,7 +5,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -92,14 +91,13 @@ class LocalEngine:
         device = resolve_device(device)
         precision = resolve_precision(precision, device)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        with one_torch_thread():
-            model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
-            if tokenizer is None:
-                raise ValueError(f"{path} has no tokenizer.json")
-            if precision == "int8":
-                quantize_int8(model)
-            return cls(model, tokenizer, cache=cache, max_new_tokens=max_new_tokens, name=Path(path).name,
-                       precision=precision, **options)
+        model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
+        if tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer.json")
+        if precision == "int8":
+            quantize_int8(model)
+        return cls(model, tokenizer, cache=cache, max_new_tokens=max_new_tokens, name=Path(path).name,
+                   precision=precision, **options)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The chat prompt. System messages are left out: Pioneer's small models are trained on conversations
@@ -384,19 +382,6 @@ async def _as_async(steps):
     else:
         for step in steps:
             yield step
-
-
-@contextmanager
-def one_torch_thread():
-    """Run torch single-threaded on this thread for a while. Every thread that runs a parallel op gets its own
-    OpenMP team: a model built on the caller's thread and run on the scheduler's would leave two teams competing
-    for the cores, and small ops (a short prefill, a decoding step) then ran about a third slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
