@@ -29,7 +29,6 @@ class Ticket:
         self.finished = False  # the reader got DONE: every token was read
         self.submitted = time.perf_counter()
         self._wake = None  # set by aiter(): wakes the reader's event loop
-        self.caught_up = threading.Event()  # the reader has handled every token so far and waits for more
 
     def put(self, item) -> None:
         """Scheduler thread: hand the reader a token, DONE or an error."""
@@ -47,14 +46,7 @@ class Ticket:
         return item
 
     def __iter__(self):
-        while True:
-            try:
-                item = self.tokens.get_nowait()
-            except queue.Empty:
-                self.caught_up.set()
-                item = self.tokens.get()
-            if (item := self._take(item)) is None:
-                return
+        while (item := self._take(self.tokens.get())) is not None:
             yield item
 
     async def aiter(self):
@@ -72,7 +64,6 @@ class Ticket:
             try:
                 item = self.tokens.get_nowait()
             except queue.Empty:
-                self.caught_up.set()
                 await ready.wait()
                 continue
             if (item := self._take(item)) is None:
@@ -89,11 +80,10 @@ class Scheduler:
     alone, then runs one decoding step for all active requests, streaming each token to its caller."""
 
     def __init__(self, model, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
-                 on_prefill=None, on_first_token=None, first_token_wait_s: float = 0.002):
+                 on_prefill=None, on_first_token=None):
         self.decoder = BatchDecoder(model, max_batch_size, on_prefill)
         self.on_first_token = on_first_token  # called with each sequence once its first token is handed out
         self.max_batch_size = max_batch_size
-        self.first_token_wait_s = first_token_wait_s
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * model.config.sequence_length
         self.waiting: deque[Ticket] = deque()
         self.tickets: dict[int, Ticket] = {}  # id(seq) -> ticket, for the active rows
@@ -168,19 +158,10 @@ class Scheduler:
                 try:
                     for ticket in admitted:
                         self._prefill(ticket)
-                    self._let_readers_catch_up(admitted)
                     self._step()
                 except Exception as exc:  # fail the requests in the batch, keep serving the next ones
                     log.exception("batched decoding failed")
                     self._fail_all(exc)
-
-    def _let_readers_catch_up(self, admitted: list[Ticket]) -> None:
-        """Time to first token is what a chat user notices: give the new requests' readers a moment (at most
-        first_token_wait_s) to pass their first token on before the next step competes with them for the CPU."""
-        deadline = time.perf_counter() + self.first_token_wait_s
-        for ticket in admitted:
-            if ticket.seq.row >= 0:  # still decoding (not finished or failed at its first token)
-                ticket.caught_up.wait(max(0.0, deadline - time.perf_counter()))
 
     def _prefill(self, ticket: Ticket) -> None:
         seq = ticket.seq

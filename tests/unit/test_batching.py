@@ -178,18 +178,3 @@ async def test_async_stream_matches_the_threaded_one_and_frees_an_abandoned_row(
     await abandoned.aclose()
     engine.reply(conversation(5))  # the scheduler drops the cancelled row at its next step
     assert engine.info()["batching"]["active"] == 0
-
-
-def test_a_reader_that_stops_after_its_first_token_does_not_hold_up_the_batch(tiny_model_dir):
-    """The scheduler lets a new request's reader pass its first token on before the next step, but only for
-    first_token_wait_s: a reader that never comes back costs the batch that long once, not for ever."""
-    engine = LocalEngine.load(tiny_model_dir, max_new_tokens=16)
-    engine.scheduler.first_token_wait_s = 0.2
-    try:
-        stalled = engine.generate(engine.prompt_ids(conversation(1)), 16)
-        next(stalled)  # read the first token, then never again (and never closed)
-        other = [t for t, _ in engine.generate(engine.prompt_ids(conversation(2)), 16)]
-        assert other == solo_tokens(engine.model, engine.prompt_ids(conversation(2)), 16, engine.tokenizer.eos_id)
-        stalled.close()
-    finally:
-        engine.close()
