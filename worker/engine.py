@@ -224,7 +224,7 @@ class LocalEngine:
         c = self.model.config
         if self.prefix is None or (c.decoder_only and prompt_tokens <= self.prefix.chunk_tokens):
             return False
-        return self.prefix_policy != "auto" or self.prefix_measurement is None or self.prefix_measurement["use"]
+        return self.prefix_measurement is None or self.prefix_in_use(measure=False)  # unmeasured: it may be
 
     def _attach_prefix(self, seq) -> None:
         if not self._may_reuse_prefix(len(seq.prompt)) or not self.prefix_in_use():

@@ -81,7 +81,7 @@ async def answer_request(payload: dict, orchestrator: Orchestrator, publisher) -
     attempt = uuid.uuid4().hex[:12]
     replies = orchestrator.stream(payload["messages"], payload.get("mode"), retract=True)
     first = None
-    if getattr(publisher, "remote", False) and (payload.get("mode") or orchestrator.mode) == "local":
+    if publisher.remote and (payload.get("mode") or orchestrator.mode) == "local":
         # The local model prefills while the claim makes its round trip to Redis; nothing is published before the
         # claim is ours. Other modes claim first: they may call the OpenAI API, which costs money.
         first = asyncio.ensure_future(anext(replies, None))

@@ -200,6 +200,10 @@ class RedisStreamBus(StreamBus):
             client_name=f"{client_name}-publisher",
         )
         self._reader_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> pool
+        self._begin_script = self._client.register_script(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end "
+            "if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'claimed' end "
+            "return 'busy'")
 
     def key(self, request_id: str) -> str:
         return f"{self.key_prefix}{request_id}"
@@ -230,11 +234,6 @@ class RedisStreamBus(StreamBus):
 
     def begin(self, request_id, attempt, ttl_s):
         # One round trip before the first token, and no gap between the check and the claim.
-        if not hasattr(self, "_begin_script"):
-            self._begin_script = self._client.register_script(
-                "if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end "
-                "if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'claimed' end "
-                "return 'busy'")
         return self._begin_script(keys=[self.done_key(request_id), self.lease_key(request_id)],
                                   args=[attempt, int(ttl_s * 1000)])
 
