@@ -310,6 +310,9 @@ async def test_pioneer_discord_and_a_worker_as_processes_on_redis_and_postgres(r
             async with Memory(postgres_url) as memory:
                 history = await eventually(lambda: answered(memory, Place("discord", fake.guild_id, fake.channel_id),
                                                             fake.user["id"]), timeout=30)
+            # The reply is stored before the front-end's last edit lands: wait for the message to show it whole.
+            await eventually(lambda: [m["content"] for m in fake.messages_in(fake.channel_id)
+                                      if m["author"]["id"] == fake.bot_user["id"]] == [shown(history[-1])])
             [reply] = [m for m in fake.messages_in(fake.channel_id) if m["author"]["id"] == fake.bot_user["id"]]
             assert reply["content"] == shown(history[-1]) and history[-1].method == "local"
             assert MARKER not in reply["content"] and len(reply["edits"]) >= 1 and fake.rate_limited_count == 0

@@ -304,6 +304,9 @@ async def test_pioneer_slack_and_a_worker_as_processes_on_redis_and_postgres(red
                 history = await eventually(lambda: answered(memory, Place("slack", "T1", "C1", asked["ts"]), "U1"),
                                            timeout=30)
                 assert await memory.history(Place("slack", "T1", "C1", "1700000000.000100"), "U1") == []
+            # The reply is stored before the front-end's last edit lands: wait for the message to show it whole.
+            await eventually(lambda: [r["text"] for r in world.replies("C1", asked["ts"])]
+                             == [neutralise(shown(history[-1]))])
             [reply] = world.replies("C1", asked["ts"])
             assert reply["text"] == neutralise(shown(history[-1])) and history[-1].method == "local"
             assert MARKER not in reply["text"] and len(reply["edits"]) >= 1 and fake.rate_limited_count == 0
