@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def create_engine(database_url: str | URL, **engine_options) -> AsyncEngine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         if not in_memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _use_wal(cursor)
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
@@ -182,3 +183,16 @@ def create_engine(database_url: str | URL, **engine_options) -> AsyncEngine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _use_wal(cursor, attempts: int = 200, pause_s: float = 0.05) -> None:
+    """Switch the file to WAL (it stays so). Switching needs the file to itself and fails at once with "database
+    is locked", busy timeout or not, while another process opens it too: try again for up to 10 s."""
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError, wrapped by the async adapter
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(pause_s)
