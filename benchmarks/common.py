@@ -1,9 +1,13 @@
 """Shared helpers for the benchmarks: medians, percentiles and a small model checkpoint to serve."""
 
 import statistics
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import worker  # noqa: E402,F401  before torch, as in a worker process: it sets OpenMP's spin-wait (GOMP_SPINCOUNT)
+
+import torch  # noqa: E402
 
 
 def percentile(values, q: float) -> float:
@@ -20,7 +24,14 @@ def median(values) -> float:
 
 def make_checkpoint(path: Path, preset: str = "small", seed: int = 0, **overrides) -> Path:
     """A random model of a preset (with config overrides) and a tokenizer trained on the ChatterBot corpus
-    (special tokens muted, so greedy replies run to max_new_tokens)."""
+    (special tokens muted, so greedy replies run to max_new_tokens). Built on a thread of its own, as the engine
+    loads models: the benchmark's main thread keeps no OpenMP team to slow the engine's."""
+    from pioneer_model.threads import on_own_thread
+
+    return on_own_thread(_make_checkpoint, path, preset, seed, **overrides)
+
+
+def _make_checkpoint(path: Path, preset: str, seed: int, **overrides) -> Path:
     from pioneer_model import PRESETS, AttentionModel, ModelConfig
     from pioneer_model.data import load_chatterbot_pairs
     from pioneer_model.tokenizer import Tokenizer

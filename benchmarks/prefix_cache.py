@@ -16,10 +16,10 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_checkpoint, median  # noqa: E402
+from common import make_checkpoint, median  # noqa: E402  (first: it sets up torch as a worker process does)
+
+import torch  # noqa: E402
 
 from pioneer_model import AttentionCache  # noqa: E402
 from worker.engine import LocalEngine  # noqa: E402

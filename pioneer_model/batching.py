@@ -242,8 +242,3 @@ class BatchDecoder:
             last.row = seq.row
             self.active[seq.row] = last
         seq.row = -1
-
-    def prompt_kv(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the keys and values (layers, heads, end - start, head_dim) of prompt positions start..end."""
-        k, v = self.cache.read(seq.row, start, end)
-        return k.clone(), v.clone()

@@ -19,7 +19,7 @@ import xxhash
 from .cache import CacheStorage, cache_key, decode_tensors, encode_tensors, view_tensors
 
 DEFAULT_CHUNK_TOKENS = 64
-FETCH_THREADS = 2  # chunk values are fetched in this many groups at once (the caller's thread and helpers)
+FETCH_THREADS = 4  # chunks are fetched in this many groups at once (the caller's thread and helpers)
 
 
 class PrefixCache:
@@ -61,50 +61,64 @@ class PrefixCache:
         limit = len(ids) if limit is None else min(limit, len(ids))
         keys, c = self.chunk_keys(ids, limit), self.chunk_tokens
         chains = [self.root, *keys]  # chains[i]: the key of the prefix before chunk i, which its tail hangs on
-        # One round trip for every marker: the full chunks', and the partial chunk's after each of them.
-        found = self._get_many([f"prefix:{key}:ok" for key in keys] + [f"prefix:{key}:tail:ok" for key in chains])
-        markers, tail_markers = found[:len(keys)], found[len(keys):]
-        present = next((i for i, m in enumerate(markers) if m is None), len(keys))
-        tail_name = f"prefix:{chains[present]}:tail"
-        tail_marker = tail_markers[present] if present * c < limit else None
-        # Chunk values are fetched in a few groups at once, on their own connections: reading megabytes from a
-        # socket is CPU-bound in the client, and two readers took half the time of one.
-        size = max(1, -(-present // FETCH_THREADS))
-        starts = list(range(0, present, size)) or [0]
-        groups = [[f"prefix:{key}" for key in keys[start:min(present, start + size)]] for start in starts]
-        fetches = [self._fetch_pool().submit(self._get_many, group) for group in groups[1:]]
-        pieces, tail_data = [], None
+        # A few groups of chunks at once, each fetched with its markers in one round trip on its own connection and
+        # checked on its own thread: reading and checking megabytes is CPU-bound in the client. The partial chunk
+        # after the last full one comes with the last group.
+        size = max(1, -(-len(keys) // FETCH_THREADS))
+        groups = [range(i, min(len(keys), i + size)) for i in range(0, len(keys), size)] or [range(0)]
+        jobs = [(ids, chains, group, n == len(groups) - 1 and len(keys) * c < limit, limit)
+                for n, group in enumerate(groups)]
+        helpers = [self._fetch_pool().submit(self._fetch_group, *job) for job in jobs[1:]]
+        pieces, tail = [], None
         try:
-            for n, (start, group) in enumerate(zip(starts, groups)):
-                if n == 0:  # the caller's own group, with the partial chunk that may follow the last one
-                    values = self._get_many(group + ([tail_name] if tail_marker is not None else []))
-                    values, tail_data = values[:len(group)], (values[len(group)] if len(values) > len(group) else None)
-                else:
-                    values = fetches[n - 1].result()
-                for i, (name, data) in enumerate(zip(group, values), start):
-                    chunk = self._check(name, markers[i], data, lambda got, i=i: got == ids[i * c:(i + 1) * c])
-                    if chunk is None:
-                        break
-                    pieces.append((chunk["k"], chunk["v"]))
-                if len(pieces) < start + len(group):
+            for n, job in enumerate(jobs):
+                chunks, tail = self._fetch_group(*job) if n == 0 else helpers[n - 1].result()
+                pieces += chunks
+                if len(chunks) < len(job[2]):
                     break
         finally:
-            for fetch in fetches:
-                fetch.cancel()
-        self.count("chunk_hits", len(pieces))
-        self.count("chunk_misses", len(keys) - len(pieces))
-        if len(pieces) == present and tail_marker is not None:  # the chain ended cleanly: its partial chunk
-            tail = self._check(tail_name, tail_marker, tail_data, lambda got: True)
-            shared = 0 if tail is None else common_prefix(tail["ids"].tolist(), ids[present * c:limit])
-            if shared:  # keys/values of a position depend only on the tokens up to it: any shared start is valid
-                pieces.append((tail["k"][:, :, :shared], tail["v"][:, :, :shared]))
-                self.count("tail_hits")
+            for helper in helpers:
+                helper.cancel()
+        present = len(pieces)
+        if present < len(keys) and present * c < limit:  # the chain ended early: the partial chunk hanging there
+            name = f"prefix:{chains[present]}:tail"
+            tail = self._tail(name, *self._get_many([name + ":ok", name]), ids[present * c:limit])
+        self.count("chunk_hits", present)
+        self.count("chunk_misses", len(keys) - present)
+        used = [f"prefix:{key}" for key in keys[:present]] + ([f"prefix:{chains[present]}:tail"] if tail else [])
+        self._touch_later([name + part for name in used for part in ("", ":ok")])
+        if tail is not None:
+            pieces.append(tail)
+            self.count("tail_hits")
         return pieces
+
+    def _fetch_group(self, ids, chains, group: range, with_tail: bool, limit: int):
+        """Chunks `group` and their markers in one round trip, checked: (the chunks that hit, up to the first
+        that does not; with_tail: the partial chunk after the group's last, if every chunk hit, else None)."""
+        c = self.chunk_tokens
+        names = [f"prefix:{chains[i + 1]}" for i in group] + ([f"prefix:{chains[group.stop]}:tail"] if with_tail else [])
+        found = self._get_many([name + ":ok" for name in names] + names, touch=False)
+        markers, values = found[:len(names)], found[len(names):]
+        chunks = []
+        for i, name, marker, data in zip(group, names, markers, values):
+            entry = self._check(name, marker, data, lambda got, i=i: got == ids[i * c:(i + 1) * c])
+            if entry is None:
+                return chunks, None
+            chunks.append((entry["k"], entry["v"]))
+        tail = self._tail(names[-1], markers[-1], values[-1], ids[group.stop * c:limit]) if with_tail else None
+        return chunks, tail
+
+    def _tail(self, name: str, marker, data, wanted: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A partial chunk's keys/values for the start its tokens share with `wanted`, or None."""
+        entry = self._check(name, marker, data, lambda got: True)
+        shared = 0 if entry is None else common_prefix(entry["ids"].tolist(), wanted)
+        # Keys/values of a position depend only on the tokens up to it: any shared start is valid.
+        return (entry["k"][:, :, :shared], entry["v"][:, :, :shared]) if shared else None
 
     def _fetch_pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._fetcher is None:
-                self._fetcher = ThreadPoolExecutor(FETCH_THREADS - 1, thread_name_prefix="pioneer-prefix-fetch")
+                self._fetcher = ThreadPoolExecutor(max(1, FETCH_THREADS - 1), thread_name_prefix="pioneer-prefix-fetch")
             return self._fetcher
 
     def close(self) -> None:
@@ -114,13 +128,23 @@ class PrefixCache:
         if fetcher is not None:
             fetcher.shutdown(wait=True)
 
-    def _get_many(self, keys: list[str]) -> list[bytes | None]:
-        get_many = getattr(self.storage, "get_many", None)  # one round trip where the storage offers it
-        return get_many(keys) if get_many is not None else [self.storage.get(k) for k in keys]
+    def _get_many(self, keys: list[str], touch: bool = True) -> list[bytes | None]:
+        """Values of keys: one round trip where the storage offers get_many. touch=False leaves refreshing their
+        LRU order to _touch_later, where the storage can (touch_many)."""
+        get_many = getattr(self.storage, "get_many", None)
+        if get_many is None:
+            return [self.storage.get(k) for k in keys]
+        return get_many(keys, touch=touch or not hasattr(self.storage, "touch_many"))
+
+    def _touch_later(self, keys: list[str]) -> None:
+        """Refresh the LRU order of fetched entries off the lookup's path (a script run on a fetch thread)."""
+        if hasattr(self.storage, "touch_many"):
+            self._fetch_pool().submit(self.storage.touch_many, keys)
 
     def _check(self, name: str, marker: bytes, data: bytes | None, accept) -> dict | None:
-        """The entry if its data matches its marker and `accept` takes its token ids; damaged ones are deleted."""
-        if data is None:
+        """The entry if its data matches its marker and `accept` takes its token ids; damaged ones are deleted.
+        Data without a marker is a miss (its marker may not be written yet)."""
+        if data is None or marker is None:
             return None
         try:
             if marker != chunk_marker(data):
@@ -135,20 +159,23 @@ class PrefixCache:
             return None
         return entry if accept(entry["ids"].tolist()) else None
 
-    def store(self, ids: list[int], k: torch.Tensor, v: torch.Tensor, first_chunk: int = 0) -> int:
-        """Write chunks first_chunk.. of ids, given k, v (layers, heads, T, head_dim) of positions first_chunk * C
-        .. first_chunk * C + T, and the partial chunk at the end; data before marker. Returns chunks written."""
+    def pieces(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Contiguous copies of k, v (layers, heads, T, head_dim) cut every C positions, ready for store()."""
+        c = self.chunk_tokens
+        return [(k[:, :, i:i + c].contiguous(), v[:, :, i:i + c].contiguous()) for i in range(0, k.size(2), c)]
+
+    def store(self, ids: list[int], pieces: list[tuple[torch.Tensor, torch.Tensor]], first_chunk: int = 0) -> int:
+        """Write chunks first_chunk.. of ids, given pieces() of the keys/values from position first_chunk * C on:
+        full chunks, and the partial chunk at the end; data before marker. Returns chunks written."""
         c, written = self.chunk_tokens, 0
-        end = first_chunk * c + k.size(2)
+        end = first_chunk * c + sum(k.size(2) for k, _ in pieces)
         keys = self.chunk_keys(ids, end)
-        for i in range(first_chunk, len(keys)):
-            lo = (i - first_chunk) * c
-            self._put(f"prefix:{keys[i]}", ids[i * c:(i + 1) * c], k[:, :, lo:lo + c], v[:, :, lo:lo + c])
-            written += 1
-        if end > len(keys) * c:
-            lo = len(keys) * c - first_chunk * c
-            self._put(f"prefix:{keys[-1] if keys else self.root}:tail", ids[len(keys) * c:end], k[:, :, lo:],
-                      v[:, :, lo:])
+        for i, (k, v) in enumerate(pieces, first_chunk):
+            if i < len(keys):
+                self._put(f"prefix:{keys[i]}", ids[i * c:(i + 1) * c], k, v)
+                written += 1
+            else:
+                self._put(f"prefix:{keys[-1] if keys else self.root}:tail", ids[i * c:end], k, v)
         self.count("chunks_written", written)
         return written
 
@@ -223,7 +250,7 @@ def measure(model, storage: CacheStorage, chunk_tokens: int = DEFAULT_CHUNK_TOKE
     if c.decoder_only:
         compute = time_ms(lambda: model.decode(ids, kv_caches=model.new_kv_caches(1, ids.size(1))), repeats)
         kv = torch.randn(c.num_decoder_layers, c.attention_heads, ids.size(1), c.head_dim, dtype=dtype)
-        cache.store(ids_list, kv, kv.clone())
+        cache.store(ids_list, cache.pieces(kv, kv.clone()))
         fetch = time_ms(lambda: cache.lookup(ids_list), repeats)
         for name in cache.entry_names(ids_list):
             storage.delete(name)

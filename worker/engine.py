@@ -17,6 +17,7 @@ from pioneer_model.checkpoint import load_pretrained
 from pioneer_model.prefix import DEFAULT_CHUNK_TOKENS, PrefixCache
 from pioneer_model.prefix import measure as measure_prefix
 from pioneer_model.quantize import quantize_int8
+from pioneer_model.threads import on_own_thread
 
 from . import metrics
 from .scheduler import Scheduler, Ticket
@@ -88,6 +89,13 @@ class LocalEngine:
     @classmethod
     def load(cls, path, *, device: str = "auto", cache: AttentionCache | None = None, max_new_tokens: int = 96,
              precision: str = "auto", **options):
+        """Load a model directory. The work runs on a thread of its own, so the caller's thread is left without an
+        OpenMP team: only the scheduler thread computes from then on."""
+        return on_own_thread(cls._load, path, device=device, cache=cache, max_new_tokens=max_new_tokens,
+                             precision=precision, **options)
+
+    @classmethod
+    def _load(cls, path, *, device, cache, max_new_tokens, precision, **options):
         device = resolve_device(device)
         precision = resolve_precision(precision, device)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -207,12 +215,13 @@ class LocalEngine:
         return self.prefix_measurement["use"]
 
     def measure_prefix_cache(self, again: bool = True) -> dict:
-        """Time fetching cached chunks against recomputing them."""
+        """Time fetching cached chunks against recomputing them (on the scheduler thread, between steps)."""
         with self._measure_lock:
             if self.prefix_measurement is not None and not again:
                 return self.prefix_measurement
             try:
-                self.prefix_measurement = measure_prefix(self.model, self.prefix.storage, self.prefix.chunk_tokens)
+                self.prefix_measurement = self.scheduler.call(measure_prefix, self.model, self.prefix.storage,
+                                                              self.prefix.chunk_tokens)
             except Exception as exc:  # the cache is unreachable: recompute
                 log.warning("prefix cache measurement failed, not reusing prefixes: %s", exc)
                 self.prefix_measurement = {"use": False, "error": str(exc)}
@@ -245,7 +254,8 @@ class LocalEngine:
 
     def _on_prefill(self, seq) -> None:
         """Scheduler thread, right after a prefill, while the row is set: copy the new chunks (or the encoder
-        output) to write once the first token is out (_on_first_token)."""
+        output) to write once the first token is out (_on_first_token). The copies are made here, so that the
+        writing thread runs no torch op of its own."""
         if self.prefix is None or not self.prefix_in_use(measure=False):
             return
         if self.model.config.decoder_only:
@@ -253,8 +263,8 @@ class LocalEngine:
             # New chunks and the partial one at the end; prompts shorter than a chunk are not worth it.
             if len(seq.prompt) >= chunk and seq.reused < len(seq.prompt) - 1:
                 first = seq.reused // chunk
-                k, v = self.scheduler.decoder.prompt_kv(seq, first * chunk, len(seq.prompt))
-                seq.prefix_write = (self.prefix.store, seq.prompt, k, v, first)
+                k, v = self.scheduler.decoder.cache.read(seq.row, first * chunk, len(seq.prompt))
+                seq.prefix_write = (self.prefix.store, seq.prompt, self.prefix.pieces(k, v), first)
         elif not seq.reused:
             seq.prefix_write = (self.prefix.store_encoder, seq.prompt, seq.memory.clone())
 

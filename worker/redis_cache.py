@@ -11,6 +11,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from .redis_bulk import bulk_client
+
 log = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError)
@@ -110,17 +112,16 @@ class RedisLRUStorage:
     ):
         if capacity < 1 or ttl_s < 1:
             raise ValueError("capacity and ttl_s must be at least 1")
+        self.bulk = None  # get_many's client: large values read by BulkReplyParser (given a client: that client)
         if isinstance(client_or_url, str):
-            client_or_url = redis.Redis.from_url(
-                client_or_url,
-                socket_timeout=5,
-                socket_connect_timeout=2,
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),  # a cache should give up quickly
-                socket_read_size=1 << 20,  # values are up to megabytes (prefix chunks): fewer, larger reads
-            )
+            options = dict(socket_timeout=5, socket_connect_timeout=2,
+                           retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))  # a cache should give up quickly
+            self.bulk = bulk_client(client_or_url, **options)
+            client_or_url = redis.Redis.from_url(client_or_url, **options)
         if client_or_url.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisLRUStorage needs a client with decode_responses=False (values are bytes)")
         self.client = client_or_url
+        self.bulk = self.bulk or client_or_url
         self.namespace = namespace
         self.capacity = capacity
         self.ttl_s = ttl_s
@@ -146,21 +147,33 @@ class RedisLRUStorage:
             log.warning("attention cache get failed, treating as a miss: %s", exc)
             return None
 
-    def get_many(self, keys: list[str]) -> list[bytes | None]:
-        """Several values in one round trip (plain GETs, then one script refreshes their TTLs and LRU order);
-        for large values this also skips copying them through Lua."""
+    def get_many(self, keys: list[str], touch: bool = True) -> list[bytes | bytearray | None]:
+        """Several values in one round trip (plain GETs, then one script refreshes their TTLs and LRU order, unless
+        touch is False: call touch_many later); for large values this also skips copying them through Lua.
+        Large values come back as bytearrays."""
         if not keys:
             return []
         try:
-            with self.client.pipeline(transaction=False) as pipe:
+            with self.bulk.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.get(self.entry_key(key))
-                self._touch(keys=[self.index_key], args=[self.ttl_s, self.capacity, self.index_ttl_s,
-                                                          self.entry_prefix, *keys], client=pipe)
+                if touch:
+                    self._touch_script(keys, pipe)
                 return pipe.execute()[:len(keys)]
         except TRANSIENT_ERRORS as exc:
             log.warning("attention cache get failed, treating as a miss: %s", exc)
             return [None] * len(keys)
+
+    def touch_many(self, keys: list[str]) -> None:
+        """Refresh the TTLs and LRU order of the entries among keys that exist."""
+        try:
+            self._touch_script(keys, self.client)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("attention cache touch failed: %s", exc)
+
+    def _touch_script(self, keys: list[str], client) -> None:
+        self._touch(keys=[self.index_key], args=[self.ttl_s, self.capacity, self.index_ttl_s, self.entry_prefix, *keys],
+                    client=client)
 
     def put(self, key, value):
         try:

@@ -26,9 +26,10 @@ INTERNAL_ERROR = "Sorry, something went wrong on my side while answering. Please
 def resolve_model_path(settings: WorkerSettings) -> Path:
     if settings.model_path:
         return Path(settings.model_path)
+    from pioneer_model.threads import on_own_thread
     from pioneer_model.train import ensure_default_model
 
-    return ensure_default_model(settings.pioneer_data_dir)
+    return on_own_thread(ensure_default_model, settings.pioneer_data_dir)  # trains on first use: see on_own_thread
 
 
 def build_cache(settings: WorkerSettings) -> AttentionCache | None:

@@ -8,6 +8,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import Future
 
 import torch
 
@@ -77,7 +78,9 @@ class Ticket:
 class Scheduler:
     """Admits waiting requests into the batch while it has a free row and the KV positions they reserve fit
     under max_tokens_in_flight (first come, first served; the rest wait: back-pressure), prefills each one
-    alone, then runs one decoding step for all active requests, streaming each token to its caller."""
+    alone, then runs one decoding step for all active requests, streaming each token to its caller.
+    Other model work of the engine runs on the same thread between steps (call), so that the process has one
+    OpenMP team (see pioneer_model.threads)."""
 
     def __init__(self, model, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
                  on_prefill=None, on_first_token=None):
@@ -86,6 +89,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * model.config.sequence_length
         self.waiting: deque[Ticket] = deque()
+        self.calls: deque[tuple[Future, object]] = deque()
         self.tickets: dict[int, Ticket] = {}  # id(seq) -> ticket, for the active rows
         self.in_flight = 0  # KV positions reserved by the active requests
         self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "peak_batch": 0, "peak_tokens_in_flight": 0,
@@ -97,16 +101,34 @@ class Scheduler:
     def submit(self, seq: Sequence) -> Ticket:
         ticket = Ticket(seq)
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
+            self._check_open()
             self.waiting.append(ticket)
             self.stats["peak_waiting"] = max(self.stats["peak_waiting"], len(self.waiting))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pioneer-scheduler", daemon=True)
-                self._thread.start()
-                _schedulers.add(self)
-            self._cond.notify()
+            self._wake()
         return ticket
+
+    def call(self, fn, *args):
+        """fn(*args) on the scheduler thread, between decoding steps; its result (or exception)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        future: Future = Future()
+        with self._cond:
+            self._check_open()
+            self.calls.append((future, lambda: fn(*args)))
+            self._wake()
+        return future.result()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+
+    def _wake(self) -> None:
+        """Start the thread on first use, and wake it (called with the lock held)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pioneer-scheduler", daemon=True)
+            self._thread.start()
+            _schedulers.add(self)
+        self._cond.notify()
 
     def close(self, timeout: float | None = 10.0, cancel: bool = False) -> None:
         """Stop after the requests in progress (cancel: drop them at the next step instead)."""
@@ -150,11 +172,18 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self.waiting and not self.decoder.active:
+                    while not self._closed and not self.waiting and not self.decoder.active and not self.calls:
                         self._cond.wait()
-                    if self._closed and not self.decoder.active and not self.waiting:
+                    calls, self.calls = self.calls, deque()
+                    if self._closed and not self.decoder.active and not self.waiting and not calls:
                         return
                     admitted = self._admit()
+                for future, fn in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as exc:
+                            future.set_exception(exc)
                 try:
                     for ticket in admitted:
                         self._prefill(ticket)

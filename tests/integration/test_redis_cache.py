@@ -1,5 +1,7 @@
 """RedisLRUStorage against a real Redis: a shared LRU, counters, TTLs, and the attention cache on top."""
 
+import random
+import socket
 import threading
 import time
 import uuid
@@ -9,6 +11,7 @@ import redis
 import torch
 
 from pioneer_model.cache import AttentionCache, cache_key
+from worker.redis_bulk import LARGE_REPLY_BYTES
 from worker.redis_cache import RedisLRUStorage, recommended_redis_config
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -182,3 +185,61 @@ def test_rejects_a_decoding_client():
 
 def test_recommended_config_never_evicts_broker_keys():
     assert recommended_redis_config()["maxmemory-policy"] == "volatile-lru"
+
+
+@pytest.mark.parametrize("size", [0, 1, LARGE_REPLY_BYTES - 1, LARGE_REPLY_BYTES, LARGE_REPLY_BYTES + 1, 3_000_001])
+def test_get_many_returns_values_of_every_size_whole(client, namespace, size):
+    storage = RedisLRUStorage(REDIS_URL, namespace=namespace)
+    values = {f"k{i}": bytes(random.Random(i).randbytes(size + i)) for i in range(3)}  # large ones read directly
+    for key, value in values.items():
+        storage.put(key, value)
+    got = storage.get_many(["k0", "missing", "k1", "k2"])
+    assert [None if v is None else bytes(v) for v in got] == [values["k0"], None, values["k1"], values["k2"]]
+
+
+def test_get_many_can_leave_the_lru_order_to_touch_many(client, namespace):
+    storage = RedisLRUStorage(REDIS_URL, namespace=namespace, capacity=3)
+    for key in ("k1", "k2", "k3"):
+        storage.put(key, key.encode())
+    assert storage.get_many(["k1"], touch=False) == [b"k1"]
+    storage.put("k4", b"k4")  # k1 is still the least recently used
+    assert storage.get("k1") is None
+    storage.touch_many(["k2", "missing"])
+    storage.put("k5", b"k5")  # k3 now is
+    assert storage.get("k3") is None and storage.get("k2") == b"k2"
+    assert len(storage) == 3
+
+
+def test_a_connection_cut_inside_a_large_value_is_a_miss(caplog):
+    """A fake server that answers every command with OK, and a GET with half of a large value before it hangs up
+    (on every connection: the client retries)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    cuts = []
+
+    def serve_one(conn):
+        with conn, conn.makefile("rb") as commands:
+            while line := commands.readline():
+                args = []
+                for _ in range(int(line[1:])):
+                    commands.readline()  # $<length>
+                    args.append(commands.readline().strip())
+                if args[0].upper() == b"GET":
+                    conn.sendall(b"$%d\r\n" % (4 * LARGE_REPLY_BYTES) + bytes(2 * LARGE_REPLY_BYTES))
+                    cuts.append(args[1])
+                    return
+                conn.sendall(b"+OK\r\n")
+
+    def serve():
+        while True:
+            try:
+                serve_one(server.accept()[0])
+            except OSError:  # the test closed the server
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    storage = RedisLRUStorage(f"redis://127.0.0.1:{server.getsockname()[1]}/0", namespace="cut")
+    started = time.monotonic()
+    assert storage.get_many(["k"], touch=False) == [None]
+    server.close()
+    assert cuts and all(key == storage.entry_key("k").encode() for key in cuts)
+    assert "Connection closed" in caplog.text and time.monotonic() - started < 2

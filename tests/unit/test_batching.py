@@ -8,6 +8,7 @@ import torch
 
 from pioneer_model import PRESETS, AttentionModel, ModelConfig, stream_generate
 from pioneer_model.batching import BatchDecoder, make_sequence
+from pioneer_model.threads import on_own_thread
 from worker.engine import LocalEngine
 from worker.settings import WorkerSettings
 
@@ -128,6 +129,26 @@ def test_abandoned_stream_frees_its_row(engine):
     gen.close()
     engine.reply(conversation(5))  # the scheduler drops the cancelled row at its next step
     assert engine.info()["batching"]["active"] == 0
+
+
+def test_model_work_runs_on_the_scheduler_thread_between_steps(engine):
+    """Model work of the engine (loading aside) runs on the thread that decodes, so a process keeps one OpenMP
+    team; a call made while a request decodes runs between its steps."""
+    stream = engine.generate(engine.prompt_ids(conversation(2)), 40)
+    next(stream)
+    seen = []
+    assert engine.scheduler.call(lambda x: seen.append(threading.current_thread().name) or x * 2, 21) == 42
+    assert seen == ["pioneer-scheduler"] and len(list(stream)) == 39
+    with pytest.raises(ZeroDivisionError):
+        engine.scheduler.call(lambda: 1 / 0)
+    assert engine.reply(conversation(1)).token_ids  # still serving
+
+
+def test_on_own_thread_returns_or_raises():
+    assert on_own_thread(lambda a, b=0: (threading.current_thread() is not threading.main_thread(), a + b), 1, b=2) \
+        == (True, 3)
+    with pytest.raises(KeyError):
+        on_own_thread({}.__getitem__, "missing")
 
 
 def test_serving_settings_names(monkeypatch):
