@@ -20,7 +20,7 @@ class Sequence:
     eos_token_id: int | None = None
     generator: torch.Generator | None = None
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # cached (k, v) chunks of the prompt's start,
-    # each (layers, heads, chunk, head_dim)
+    # each (layers, heads, chunk, head_dim); dropped once copied into the batch's cache
     memory: torch.Tensor | None = None  # encoder-decoder: the encoder output (1, S, dim), if already known
     reused: int = 0  # prompt tokens whose keys/values (or encoder output) came from a cache
     prefix_write: tuple | None = None  # copied keys/values of new prompt chunks, for the server to cache
@@ -53,18 +53,20 @@ def make_sequence(config, ids, max_new_tokens: int, **kwargs) -> Sequence:
 
 
 class RowCache:
-    """One layer's cache seen as a batch of one row, for prefilling that row (the KVCache interface)."""
+    """One layer's cache seen as a batch of the rows `first`.. (as many as the prefill's batch), each filled from
+    the same position `length` on, for prefilling those rows (the KVCache interface)."""
 
-    def __init__(self, kv: torch.Tensor, row: int, length: int = 0):
-        self.kv, self.row, self.length = kv, row, length  # kv: (2, rows, heads, max_len, head_dim)
+    def __init__(self, kv: torch.Tensor, first: int, length: int = 0):
+        self.kv, self.first, self.length = kv, first, length  # kv: (2, rows, heads, max_len, head_dim)
 
     def append(self, kv_new: torch.Tensor):
         start, end = self.length, self.length + kv_new.size(3)
         if end > self.kv.size(3):
             raise ValueError(f"KV cache overflow: {end} positions > {self.kv.size(3)}")
-        self.kv[:, self.row, :, start:end] = kv_new[:, 0]
+        rows = slice(self.first, self.first + kv_new.size(1))
+        self.kv[:, rows, :, start:end] = kv_new
         self.length = end
-        return self.kv[:, self.row:self.row + 1, :, :end].unbind(0)
+        return self.kv[:, rows, :, :end].unbind(0)
 
 
 class StepCache:
@@ -94,8 +96,8 @@ class BatchKVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    def row_caches(self, row: int, length: int = 0) -> list[RowCache]:
-        return [RowCache(layer, row, length) for layer in self.kv]
+    def row_caches(self, first: int, length: int = 0) -> list[RowCache]:
+        return [RowCache(layer, first, length) for layer in self.kv]
 
     def step_caches(self, pos: torch.Tensor, width: int, same_pos: int | None) -> list[StepCache]:
         rows = self._rows[:pos.size(0)]
@@ -121,9 +123,10 @@ class BatchDecoder:
     step() advances all active rows by one token with their own positions and key masks; finished rows leave
     and the last row moves into the gap, so the active rows are always 0..n-1. Not thread-safe: one caller."""
 
-    def __init__(self, model, max_batch_size: int = 16, on_prefill=None):
+    def __init__(self, model, max_batch_size: int = 16, on_prefill=None, on_done=None):
         self.model, self.max_batch_size = model, max_batch_size
         self.on_prefill = on_prefill  # called with each sequence right after its prefill, while its row is set
+        self.on_done = on_done  # called with each sequence that finished (not one removed early), before it leaves
         self.active: list[Sequence] = []
         self.cache: BatchKVCache | None = None
         self.cross: BatchKVCache | None = None  # encoder-decoder: cross-attention keys/values per row
@@ -158,6 +161,7 @@ class BatchDecoder:
             for k, v in seq.prefix or ():
                 self.cache.write(row, start, k, v)
                 start += k.size(2)
+            seq.prefix = None  # copied: let the fetched buffers go
             ids = torch.tensor([seq.prompt[start:]], dtype=torch.long, device=device)
             hidden = model.decode(ids, kv_caches=self.cache.row_caches(row, start))
             self.cache.lengths[row] = len(seq.prompt)
@@ -177,8 +181,40 @@ class BatchDecoder:
             self.on_prefill(seq)
         (token, logprob), = self._sample([seq], model.logits(hidden[:, -1]).float())
         if seq.done:
-            self.remove(seq)
+            self._retire(seq)
         return token, logprob
+
+    @torch.inference_mode()
+    def add_many(self, seqs: list[Sequence]) -> list[tuple[int, float]]:
+        """Prefill new sequences of a decoder-only model, none with a cached prefix, together: their prompts are
+        right-padded into one forward pass (a padded position comes after every real one, so causal attention
+        keeps it from them), and each row's first token comes from its own last prompt position. Returns each
+        one's first token and log-probability."""
+        model, c = self.model, self.model.config
+        if not c.decoder_only or any(s.prefix for s in seqs):
+            raise ValueError("add_many prefills decoder-only sequences without a cached prefix: use add()")
+        if self.free < len(seqs):
+            raise RuntimeError("not enough free rows in the batch")
+        if self.cache is None:
+            self._allocate()
+        first, device = len(self.active), model.device
+        lengths = torch.tensor([len(s.prompt) for s in seqs], device=device)
+        ids = torch.full((len(seqs), int(lengths.max())), c.pad_token_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
+        hidden = model.decode(ids.to(device), kv_caches=self.cache.row_caches(first))
+        last = hidden[torch.arange(len(seqs), device=device), lengths - 1]
+        for i, s in enumerate(seqs):
+            self.cache.lengths[first + i] = len(s.prompt)
+            s.row, s.tokens, s.done = first + i, [], False
+            self.active.append(s)
+            if self.on_prefill is not None:
+                self.on_prefill(s)
+        results = self._sample(seqs, model.logits(last).float())
+        for s in seqs:
+            if s.done:
+                self._retire(s)
+        return results
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, int, float]]:
@@ -214,7 +250,7 @@ class BatchDecoder:
         results = [(s, t, lp) for s, (t, lp) in zip(active, self._sample(active, model.logits(hidden[:, -1]).float()))]
         for s in active:
             if s.done:
-                self.remove(s)
+                self._retire(s)
         return results
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
@@ -229,6 +265,11 @@ class BatchDecoder:
             eos = self.model.config.eos_token_id if s.eos_token_id is None else s.eos_token_id
             s.done = token == eos or len(s.tokens) >= s.max_new_tokens
         return out
+
+    def _retire(self, seq: Sequence) -> None:
+        if self.on_done is not None:
+            self.on_done(seq)
+        self.remove(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Retire a sequence (finished or cancelled); the last active row moves into its row."""

@@ -74,7 +74,8 @@ class LocalEngine:
         self.model_id = cache_key(self.name, model.config.to_dict(), model.tok_emb.weight.float(), self.precision)[:16]
         self.stats = EngineStats()
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight,
-                                   on_prefill=self._on_prefill, on_first_token=self._on_first_token)
+                                   on_prefill=self._on_prefill, on_first_token=self._on_first_token,
+                                   on_done=self._on_done)
         if prefix_cache not in ("auto", "on", "off"):
             raise ValueError(f"prefix_cache must be auto, on or off, not {prefix_cache!r}")
         self.prefix_policy = prefix_cache
@@ -241,7 +242,8 @@ class LocalEngine:
         c = self.model.config
         try:
             if c.decoder_only:
-                seq.prefix = self.prefix.lookup(seq.prompt, limit=len(seq.prompt) - 1)  # keep a token to prefill
+                # Keep a token to prefill; refresh the entries' LRU order once the first token is out.
+                seq.prefix = self.prefix.lookup(seq.prompt, limit=len(seq.prompt) - 1, touch=False)
                 seq.reused = seq.prefix_len
             else:
                 seq.memory = self.prefix.lookup_encoder(seq.prompt)
@@ -268,12 +270,29 @@ class LocalEngine:
         elif not seq.reused:
             seq.prefix_write = (self.prefix.store_encoder, seq.prompt, seq.memory.clone())
 
+    def _on_done(self, seq) -> None:
+        """Scheduler thread, when a reply is complete: cache the keys/values of its tokens too (all but the last,
+        which was never fed back), from the prompt's last full chunk on. The conversation's next prompt continues
+        with them, so a follow-up prefills only what came after the reply."""
+        if self.prefix is None or not self.model.config.decoder_only or not self.prefix_in_use(measure=False):
+            return
+        chunk, ids = self.prefix.chunk_tokens, seq.prompt + seq.tokens[:-1]
+        first = len(seq.prompt) // chunk
+        if len(seq.tokens) > 1 and len(ids) >= chunk:
+            k, v = self.scheduler.decoder.cache.read(seq.row, first * chunk, len(ids))
+            pending, seq.prefix_write = seq.prefix_write, None  # the prompt's own chunks go first
+            if pending is not None:
+                self._write(*pending)
+            self._write(self.prefix.store, ids, self.prefix.pieces(k, v), first)
+
     def _on_first_token(self, seq) -> None:
         """Scheduler thread, once the first token is handed to the reader: queue the copied chunks for writing
         (a write started earlier competed with handing out that token)."""
         pending, seq.prefix_write = seq.prefix_write, None
         if pending is not None:
             self._write(*pending)
+        if seq.reused and self.model.config.decoder_only:
+            self._write(self.prefix.touch, seq.prompt, seq.reused)
 
     def _write(self, fn, *args) -> None:
         with self._writes_lock:

@@ -16,6 +16,7 @@ from pioneer_model.batching import BatchDecoder, Sequence
 
 log = logging.getLogger(__name__)
 DONE = object()
+PREFILL_BATCH_TOKENS = 4096  # padded prompt tokens prefilled in one forward pass, at most
 _schedulers: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 
 
@@ -83,8 +84,8 @@ class Scheduler:
     OpenMP team (see pioneer_model.threads)."""
 
     def __init__(self, model, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
-                 on_prefill=None, on_first_token=None):
-        self.decoder = BatchDecoder(model, max_batch_size, on_prefill)
+                 on_prefill=None, on_first_token=None, on_done=None):
+        self.decoder = BatchDecoder(model, max_batch_size, on_prefill, on_done)
         self.on_first_token = on_first_token  # called with each sequence once its first token is handed out
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * model.config.sequence_length
@@ -92,7 +93,7 @@ class Scheduler:
         self.calls: deque[tuple[Future, object]] = deque()
         self.tickets: dict[int, Ticket] = {}  # id(seq) -> ticket, for the active rows
         self.in_flight = 0  # KV positions reserved by the active requests
-        self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "peak_batch": 0, "peak_tokens_in_flight": 0,
+        self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "prefill_passes": 0, "peak_batch": 0, "peak_tokens_in_flight": 0,
                       "peak_waiting": 0}
         self._cond = threading.Condition()
         self._closed = False
@@ -185,32 +186,59 @@ class Scheduler:
                         except BaseException as exc:
                             future.set_exception(exc)
                 try:
-                    for ticket in admitted:
-                        self._prefill(ticket)
+                    for group in self._prefill_groups(admitted):
+                        self._prefill(group)
                     self._step()
                 except Exception as exc:  # fail the requests in the batch, keep serving the next ones
                     log.exception("batched decoding failed")
                     self._fail_all(exc)
 
-    def _prefill(self, ticket: Ticket) -> None:
-        seq = ticket.seq
-        if ticket.cancelled:
-            self._finish(ticket)
+    def _prefill_groups(self, tickets: list[Ticket]) -> list[list[Ticket]]:
+        """Admitted requests in the groups prefilled together: a decoder-only model's requests with nothing
+        cached, up to PREFILL_BATCH_TOKENS padded tokens a group; the others alone."""
+        groups, batch = [], []
+        for ticket in tickets:
+            if ticket.seq.prefix or not self.decoder.model.config.decoder_only:
+                groups.append([ticket])
+                continue
+            longest = max(len(t.seq.prompt) for t in [*batch, ticket])
+            if batch and longest * (len(batch) + 1) > PREFILL_BATCH_TOKENS:
+                groups.append(batch)
+                batch = []
+            batch.append(ticket)
+        return groups + ([batch] if batch else [])
+
+    def _prefill(self, tickets: list[Ticket]) -> None:
+        live = [t for t in tickets if not t.cancelled]
+        for ticket in tickets:
+            if ticket.cancelled:
+                self._finish(ticket)
+        if not live:
             return
         try:
-            token, logprob = self.decoder.add(seq)
-        except Exception as exc:  # this request only (e.g. a bad prefix): the batch carries on
-            log.exception("prefill failed")
-            self.decoder.remove(seq)
-            self._release(ticket)
-            ticket.put(RuntimeError(f"generation failed: {exc}"))
+            seqs = [t.seq for t in live]
+            firsts = self.decoder.add_many(seqs) if len(seqs) > 1 else [self.decoder.add(seqs[0])]
+            self.stats["prefill_passes"] += 1
+        except Exception as exc:
+            if len(live) > 1:  # one of them: prefill each alone, to fail that one only
+                log.warning("prefilling %d requests together failed, one by one now: %s", len(live), exc)
+                for ticket in live:
+                    self.decoder.remove(ticket.seq)  # rows it may have taken
+                for ticket in live:
+                    self._prefill([ticket])
+                return
+            log.exception("prefill failed")  # this request only (e.g. a bad prefix): the batch carries on
+            self.decoder.remove(live[0].seq)
+            self._release(live[0])
+            live[0].put(RuntimeError(f"generation failed: {exc}"))
             return
-        self.stats["prefills"] += 1
-        ticket.put((token, logprob))
-        if self.on_first_token is not None:
-            self.on_first_token(seq)
-        if seq.done:
-            self._finish(ticket)
+        for ticket, first in zip(live, firsts):
+            self.stats["prefills"] += 1
+            ticket.put(first)
+            if self.on_first_token is not None:
+                self.on_first_token(ticket.seq)
+            if ticket.seq.done:
+                self._finish(ticket)
 
     def _step(self) -> None:
         for seq in list(self.decoder.active):

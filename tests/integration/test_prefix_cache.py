@@ -8,6 +8,7 @@ import torch
 
 from pioneer_model import AttentionCache, AttentionModel, MemoryLRUStorage, ModelConfig, PRESETS, stream_generate
 from pioneer_model.checkpoint import load_tokenizer
+from pioneer_model.prefix import common_prefix
 from worker.engine import LocalEngine
 from worker.redis_cache import RedisLRUStorage
 
@@ -57,11 +58,22 @@ def test_follow_up_on_another_engine_reuses_the_prefix(tiny_model_dir, where, re
         writer.flush()
         follow_up = first + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "thanks!"}]
         ids = reader.prompt_ids(follow_up)
+        first_chunk = f"prefix:{writer.prefix.chunk_keys(ids)[0]}"
+        if where == "redis":
+            scores = lambda: [storage_a.client.zscore(storage_a.index_key, first_chunk + p) for p in ("", ":ok")]  # noqa
+            written_at = scores()
         assert reader.reply(follow_up).token_ids == cold(reader, ids)
+        reader.flush()
+        if where == "redis":  # the reader refreshed the LRU order of what it reused
+            assert all(after > before for after, before in zip(scores(), written_at))
         stats = reader.info()["prefix_cache"]
-        assert stats["chunk_hits"] == len(writer.prompt_ids(first)) // CHUNK >= 2
-        assert stats["tail_hits"] == (len(writer.prompt_ids(first)) % CHUNK > 0)  # its last, partial chunk too
-        assert stats["reused_tokens"] == len(writer.prompt_ids(first))
+        # The writer cached its prompt, then its reply's tokens too (all but the last, never fed back): the follow-up
+        # reuses them as far as its own tokens agree, and prefills the rest.
+        written = writer.prompt_ids(first) + reply.token_ids[:-1]
+        reused = common_prefix(written, ids)
+        assert len(writer.prompt_ids(first)) < reused < len(ids) and stats["reused_tokens"] == reused
+        assert stats["chunk_hits"] == reused // CHUNK >= 2
+        assert stats["tail_hits"] == (reused % CHUNK > 0)  # the last, partial chunk too
     finally:
         writer.close()
         reader.close()

@@ -2,6 +2,7 @@
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -44,6 +45,25 @@ def test_batch_decoder_matches_solo_with_rows_joining_and_leaving(encoder_layers
         assert seq.tokens == solo_tokens(model, prompt, n)
 
 
+def test_prompts_prefilled_together_match_solo():
+    """Rows prefilled in one padded pass (then joined by one prefilled alone) decode the solo tokens."""
+    model = random_model()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(7, 300) for _ in range(n)] for n in (5, 41, 1, 17, 23)]
+    decoder = BatchDecoder(model, max_batch_size=6)
+    seqs = [make_sequence(model.config, p, 12, eos_token_id=NO_EOS) for p in prompts]
+    firsts = decoder.add_many(seqs[:4])
+    decoder.step()
+    firsts.append(decoder.add(seqs[4]))
+    while decoder.active:
+        decoder.step()
+    assert [t for t, _ in firsts] == [s.tokens[0] for s in seqs]
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.tokens == solo_tokens(model, prompt, 12)
+    with pytest.raises(ValueError):
+        decoder.add_many([make_sequence(model.config, prompts[0], 4, prefix=[(torch.zeros(2, 2, 1, 32),) * 2])])
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     engine = LocalEngine.load(tiny_model_dir, max_new_tokens=20, max_batch_size=4)
@@ -78,6 +98,27 @@ def test_concurrent_engine_requests_match_solo(engine):
     assert [r.token_ids for r in replies] == solo
     assert all(r.text for r in replies)
     assert engine.info()["batching"]["peak_batch"] > 1
+
+
+def test_requests_waiting_together_are_prefilled_in_one_pass(engine):
+    prompts = [engine.prompt_ids(conversation(i)) for i in range(4)]
+    release, before = threading.Event(), engine.info()["batching"]
+    busy = threading.Thread(target=engine.scheduler.call, args=(release.wait,))  # holds the scheduler thread
+    busy.start()
+    replies = []
+    threads = [threading.Thread(target=lambda p=p: replies.append((p, [t for t, _ in engine.generate(p, 20)])))
+               for p in prompts]
+    for t in threads:
+        t.start()
+    while engine.info()["batching"]["waiting"] < 4:
+        time.sleep(0.005)
+    release.set()
+    for t in threads + [busy]:
+        t.join(30)
+    after = engine.info()["batching"]
+    assert (after["prefills"] - before["prefills"], after["prefill_passes"] - before["prefill_passes"]) == (4, 1)
+    for prompt, tokens in replies:
+        assert tokens == solo_tokens(engine.model, prompt, 20, engine.tokenizer.eos_id)
 
 
 def test_request_joining_mid_batch(engine):
