@@ -93,8 +93,8 @@ class Scheduler:
         self.calls: deque[tuple[Future, object]] = deque()
         self.tickets: dict[int, Ticket] = {}  # id(seq) -> ticket, for the active rows
         self.in_flight = 0  # KV positions reserved by the active requests
-        self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "prefill_passes": 0, "peak_batch": 0, "peak_tokens_in_flight": 0,
-                      "peak_waiting": 0}
+        self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "prefill_passes": 0, "peak_batch": 0,
+                      "peak_tokens_in_flight": 0, "peak_waiting": 0}
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
