@@ -1,18 +1,22 @@
 """Prefix reuse: keys/values of prompt prefixes in fixed-size token chunks in a shared CacheStorage.
 
-Chunk i of a prompt (its tokens i*C .. (i+1)*C) is stored under key_i = H(key_{i-1}, token ids of chunk i),
+Chunk i of a prompt (its tokens i*C .. (i+1)*C) is stored under key_i = sha256(key_{i-1}, token ids of chunk i),
 with key_{-1} = H(namespace, C), so one key names the whole prefix up to and including that chunk. Its value
 is safetensors bytes {"ids", "k", "v"} (k, v: (layers, heads, C, head_dim)); a small marker entry holding
 the value's length and xxh3 checksum is written after it, so a reader never trusts a half-written or damaged chunk.
 The prompt's last, partial chunk is stored too, under "tail" of the chain key before it: a follow-up whose
-tokens continue with it reuses it, so only the new turn is prefilled, not up to C - 1 tokens more.
+tokens continue with it reuses it, so only the new turn is prefilled, not up to C - 1 tokens more. A server
+stores a finished reply's tokens the same way, continuing its prompt's chain (the next turn's prompt holds them).
 A missing, mismatched or undecodable chunk ends the prefix there (a miss), never an error.
 Encoder-decoder models cache the encoder output of an exact source under H(namespace, "encoder", ids).
 """
 
+import hashlib
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import xxhash
 
@@ -42,12 +46,13 @@ class PrefixCache:
             self.stats[name] = self.stats.get(name, 0) + amount
 
     def chunk_keys(self, ids: list[int], limit: int | None = None) -> list[str]:
-        """Chained keys of the full chunks among ids[:limit]."""
+        """Chained keys of the full chunks among ids[:limit]: sha256 of the key before and the chunk's ids as
+        little-endian int64."""
         c = self.chunk_tokens
         n = (len(ids) if limit is None else min(limit, len(ids))) // c
-        keys, key = [], self.root
+        keys, key, layout = [], self.root, struct.Struct(f"<{c}q")
         for i in range(n):
-            key = cache_key(key, torch.tensor(ids[i * c:(i + 1) * c], dtype=torch.long))
+            key = hashlib.sha256(key.encode() + layout.pack(*ids[i * c:(i + 1) * c])).hexdigest()
             keys.append(key)
         return keys
 
