@@ -15,7 +15,7 @@ import hashlib
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 import xxhash
@@ -40,6 +40,7 @@ class PrefixCache:
                       "chunks_written": 0, "encoder_hits": 0, "encoder_misses": 0}
         self._lock = threading.Lock()
         self._fetcher: ThreadPoolExecutor | None = None
+        self._touches: set = set()
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -66,7 +67,7 @@ class PrefixCache:
                touch: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The longest cached prefix of ids[:limit]: (k, v) pieces, each (layers, heads, tokens, head_dim): full
         chunks, then maybe a partial one; empty on a miss. The entries used are then refreshed in the storage's
-        LRU order on a fetch thread; touch=False leaves that to the caller (touch())."""
+        LRU order on a fetch thread; touch=False leaves that to the caller (touch_later())."""
         limit = len(ids) if limit is None else min(limit, len(ids))
         keys, c = self.chunk_keys(ids, limit), self.chunk_tokens
         chains = [self.root, *keys]  # chains[i]: the key of the prefix before chunk i, which its tail hangs on
@@ -94,8 +95,8 @@ class PrefixCache:
             tail = self._tail(name, *self._get_many([name + ":ok", name]), ids[present * c:limit])
         self.count("chunk_hits", present)
         self.count("chunk_misses", len(keys) - present)
-        if touch and (present or tail):
-            self._fetch_pool().submit(self.touch, ids, present * c + (tail[0].size(2) if tail else 0))
+        if touch:
+            self.touch_later(ids, present * c + (tail[0].size(2) if tail else 0))
         if tail is not None:
             pieces.append(tail)
             self.count("tail_hits")
@@ -141,11 +142,29 @@ class PrefixCache:
 
     def _get_many(self, keys: list[str], touch: bool = True) -> list[bytes | None]:
         """Values of keys: one round trip where the storage offers get_many. touch=False leaves refreshing their
-        LRU order to touch(), where the storage can (touch_many)."""
+        LRU order to touch_later(), where the storage can (touch_many)."""
         get_many = getattr(self.storage, "get_many", None)
         if get_many is None:
             return [self.storage.get(k) for k in keys]
         return get_many(keys, touch=touch or not hasattr(self.storage, "touch_many"))
+
+    def touch_later(self, ids: list[int], reused: int) -> None:
+        """touch() on a fetch thread (flush() waits for it)."""
+        if reused > 0 and hasattr(self.storage, "touch_many"):
+            future = self._fetch_pool().submit(self.touch, ids, reused)
+            with self._lock:
+                self._touches.add(future)
+            future.add_done_callback(self._touched)
+
+    def _touched(self, future) -> None:
+        with self._lock:
+            self._touches.discard(future)
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Wait for the LRU refreshes queued by touch_later()."""
+        with self._lock:
+            pending = list(self._touches)
+        wait(pending, timeout)
 
     def touch(self, ids: list[int], reused: int) -> None:
         """Refresh, where the storage keeps an LRU order (touch_many), the entries that held ids[:reused]."""

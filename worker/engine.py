@@ -286,13 +286,13 @@ class LocalEngine:
             self._write(self.prefix.store, ids, self.prefix.pieces(k, v), first)
 
     def _on_first_token(self, seq) -> None:
-        """Scheduler thread, once the first token is handed to the reader: queue the copied chunks for writing
-        (a write started earlier competed with handing out that token)."""
+        """Scheduler thread, once the first token is handed to the reader: queue the copied chunks for writing,
+        and refresh the LRU order of the reused ones (work started earlier competed with handing out that token)."""
         pending, seq.prefix_write = seq.prefix_write, None
         if pending is not None:
             self._write(*pending)
         if seq.reused and self.model.config.decoder_only:
-            self._write(self.prefix.touch, seq.prompt, seq.reused)
+            self.prefix.touch_later(seq.prompt, seq.reused)
 
     def _write(self, fn, *args) -> None:
         with self._writes_lock:
@@ -310,10 +310,12 @@ class LocalEngine:
             log.warning("prefix cache write failed: %s", future.exception())
 
     def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait for the queued prefix-cache writes."""
+        """Wait for the queued prefix-cache writes (and LRU refreshes)."""
         with self._writes_lock:
             pending = list(self._writes)
         wait(pending, timeout)
+        if self.prefix is not None:
+            self.prefix.flush(timeout)
 
     def close(self) -> None:
         self.flush()

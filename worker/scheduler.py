@@ -78,8 +78,8 @@ class Ticket:
 
 class Scheduler:
     """Admits waiting requests into the batch while it has a free row and the KV positions they reserve fit
-    under max_tokens_in_flight (first come, first served; the rest wait: back-pressure), prefills each one
-    alone, then runs one decoding step for all active requests, streaming each token to its caller.
+    under max_tokens_in_flight (first come, first served; the rest wait: back-pressure), prefills them (in one
+    pass where it can), then runs one decoding step for all active requests, streaming each token to its caller.
     Other model work of the engine runs on the same thread between steps (call), so that the process has one
     OpenMP team (see pioneer_model.threads)."""
 
