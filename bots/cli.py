@@ -6,6 +6,8 @@ import logging
 import signal
 import sys
 
+import worker  # noqa: F401  before anything loads torch: it sets the serving process's OpenMP spin-wait
+
 from .logs import setup_logging
 
 
