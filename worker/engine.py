@@ -274,8 +274,9 @@ class LocalEngine:
         """Scheduler thread, when a reply is complete: cache the keys/values of its tokens too (all but the last,
         which was never fed back), from the prompt's last full chunk on. The conversation's next prompt continues
         with them, so a follow-up prefills only what came after the reply."""
-        if self.prefix is None or not self.model.config.decoder_only or not self.prefix_in_use(measure=False):
-            return
+        c = self.model.config
+        if self.prefix is None or not c.decoder_only or c.max_history_messages == 0 or not self.prefix_in_use(False):
+            return  # (a model that reads no history never sees this reply again)
         chunk, ids = self.prefix.chunk_tokens, seq.prompt + seq.tokens[:-1]
         first = len(seq.prompt) // chunk
         if len(seq.tokens) > 1 and len(ids) >= chunk:

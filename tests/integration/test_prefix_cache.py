@@ -152,3 +152,19 @@ def test_encoder_output_reused_for_the_same_source(tiny_model_dir, tmp_path):
     finally:
         writer.close()
         reader.close()
+
+
+@pytest.mark.parametrize("reads_history", [True, False])
+def test_a_reply_is_cached_only_for_models_that_read_history(tiny_model_dir, reads_history):
+    engine = make_engine(tiny_model_dir, MemoryLRUStorage(10_000))
+    engine.model.config.max_history_messages = None if reads_history else 0
+    try:
+        messages = [{"role": "user", "content": "tell me about robots and music " * 4}]
+        reply = engine.reply(messages, max_new_tokens=40)
+        engine.flush()
+        prompt = engine.prompt_ids(messages)
+        cached = len(prompt) + len(reply.token_ids) - 1 if reads_history else len(prompt)
+        assert (len(prompt) + len(reply.token_ids) - 1) // CHUNK > len(prompt) // CHUNK >= 1  # the reply fills one
+        assert engine.info()["prefix_cache"]["chunks_written"] == cached // CHUNK
+    finally:
+        engine.close()
