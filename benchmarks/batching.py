@@ -1,6 +1,7 @@
 """Continuous batching on the CPU: aggregate tokens/s of 1, 4, 8 and 16 concurrent requests through the engine,
-against the same requests one after another (stream_generate, the engine's former path) and against one thread
-per request each decoding alone (the former engine under a threads pool), interleaved; p50 time to first token;
+against the same requests one after another (stream_generate, the engine's former path, on the engine's thread so
+that the process keeps one OpenMP team for both) and against one thread per request each decoding alone (the
+former engine under a threads pool), interleaved; p50 time to first token;
 peak resident memory of a process serving 16 concurrent requests. Random `small` model; the baselines run the
 same model (same MODEL_PRECISION). Prints one JSON object.
 Usage: python benchmarks/batching.py [--new-tokens 64] [--repeats 3] [--threads N] [--precision auto|fp32|bf16|int8]
@@ -74,6 +75,12 @@ def timed_threads(run, n, counts, first) -> dict:
 
 
 def sequential(engine: LocalEngine, batch, new_tokens) -> dict:
+    """One request after another (stream_generate), on the engine's scheduler thread between its steps: the
+    process keeps one OpenMP team, as a worker does, for the baseline too."""
+    return engine.scheduler.call(one_after_another, engine, batch, new_tokens)
+
+
+def one_after_another(engine: LocalEngine, batch, new_tokens) -> dict:
     started, tokens, first = time.perf_counter(), 0, []
     for ids in batch:
         for n, _ in enumerate(stream_generate(engine.model, ids, new_tokens, eos_token_id=-1), 1):
