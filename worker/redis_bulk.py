@@ -38,5 +38,9 @@ class BulkReplyParser(_RESP2Parser):
 
 
 def bulk_client(url: str, **options) -> redis.Redis:
-    """A client for `url` (redis.Redis.from_url options) that reads large values with BulkReplyParser."""
-    return redis.Redis.from_url(url, parser_class=BulkReplyParser, protocol=2, **options)
+    """A client for `url` (redis.Redis.from_url options) that reads large values with BulkReplyParser; a plain
+    client where the URL asks for RESP3 (?protocol=3), which that parser does not speak."""
+    client = redis.Redis.from_url(url, parser_class=BulkReplyParser, protocol=2, **options)
+    if str(client.connection_pool.connection_kwargs.get("protocol")) == "3":
+        return redis.Redis.from_url(url, **options)
+    return client

@@ -197,6 +197,13 @@ def test_get_many_returns_values_of_every_size_whole(client, namespace, size):
     assert [None if v is None else bytes(v) for v in got] == [values["k0"], None, values["k1"], values["k2"]]
 
 
+def test_a_resp3_url_reads_through_a_plain_client(client, namespace):
+    storage = RedisLRUStorage(REDIS_URL + "?protocol=3", namespace=namespace)
+    value = bytes(random.Random(0).randbytes(3 * LARGE_REPLY_BYTES))
+    storage.put("k", value)
+    assert storage.get_many(["k", "missing"]) == [value, None]
+
+
 def test_get_many_can_leave_the_lru_order_to_touch_many(client, namespace):
     storage = RedisLRUStorage(REDIS_URL, namespace=namespace, capacity=3)
     for key in ("k1", "k2", "k3"):
