@@ -110,7 +110,8 @@ def test_requests_waiting_together_are_prefilled_in_one_pass(engine):
                for p in prompts]
     for t in threads:
         t.start()
-    while engine.info()["batching"]["waiting"] < 4:
+    deadline = time.monotonic() + 10
+    while engine.info()["batching"]["waiting"] < 4 and time.monotonic() < deadline:
         time.sleep(0.005)
     release.set()
     for t in threads + [busy]:
