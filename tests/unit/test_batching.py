@@ -102,9 +102,10 @@ def test_concurrent_engine_requests_match_solo(engine):
 
 def test_requests_waiting_together_are_prefilled_in_one_pass(engine):
     prompts = [engine.prompt_ids(conversation(i)) for i in range(4)]
-    release, before = threading.Event(), engine.info()["batching"]
-    busy = threading.Thread(target=engine.scheduler.call, args=(release.wait,))  # holds the scheduler thread
-    busy.start()
+    entered, release, before = threading.Event(), threading.Event(), engine.info()["batching"]
+    busy = threading.Thread(target=engine.scheduler.call, args=(lambda: entered.set() or release.wait(10),))
+    busy.start()  # holds the scheduler thread: the requests below queue up meanwhile
+    assert entered.wait(10)
     replies = []
     threads = [threading.Thread(target=lambda p=p: replies.append((p, [t for t, _ in engine.generate(p, 20)])))
                for p in prompts]
@@ -176,11 +177,13 @@ def test_abandoned_stream_frees_its_row(engine):
 def test_model_work_runs_on_the_scheduler_thread_between_steps(engine):
     """Model work of the engine (loading aside) runs on the thread that decodes, so a process keeps one OpenMP
     team; a call made while a request decodes runs between its steps."""
-    stream = engine.generate(engine.prompt_ids(conversation(2)), 40)
-    next(stream)
+    prompt = engine.prompt_ids(conversation(2))
+    stream = engine.generate(prompt, 40)
+    first = next(stream)
     seen = []
     assert engine.scheduler.call(lambda x: seen.append(threading.current_thread().name) or x * 2, 21) == 42
-    assert seen == ["pioneer-scheduler"] and len(list(stream)) == 39
+    assert seen == ["pioneer-scheduler"]
+    assert [t for t, _ in [first, *stream]] == solo_tokens(engine.model, prompt, 40, engine.tokenizer.eos_id)
     with pytest.raises(ZeroDivisionError):
         engine.scheduler.call(lambda: 1 / 0)
     assert engine.reply(conversation(1)).token_ids  # still serving
