@@ -150,10 +150,7 @@ class BatchDecoder:
     @torch.inference_mode()
     def add(self, seq: Sequence) -> tuple[int, float]:
         """Prefill a new sequence into a free row; returns its first token and log-probability."""
-        if self.free <= 0:
-            raise RuntimeError("no free row in the batch")
-        if self.cache is None:
-            self._allocate()
+        self._make_room(1)
         model, c = self.model, self.model.config
         row, device = len(self.active), model.device
         if c.decoder_only:
@@ -175,14 +172,7 @@ class BatchDecoder:
             bos = src.new_full((1, 1), c.bos_token_id)
             hidden = model.decode(bos, memory_kv=memory_kv, kv_caches=self.cache.row_caches(row))
             self.cache.lengths[row] = 1
-        seq.row, seq.tokens, seq.done = row, [], False
-        self.active.append(seq)
-        if self.on_prefill is not None:
-            self.on_prefill(seq)
-        (token, logprob), = self._sample([seq], model.logits(hidden[:, -1]).float())
-        if seq.done:
-            self._retire(seq)
-        return token, logprob
+        return self._join([seq], hidden[:, -1])[0]
 
     @torch.inference_mode()
     def add_many(self, seqs: list[Sequence]) -> list[tuple[int, float]]:
@@ -193,24 +183,30 @@ class BatchDecoder:
         model, c = self.model, self.model.config
         if not c.decoder_only or any(s.prefix for s in seqs):
             raise ValueError("add_many prefills decoder-only sequences without a cached prefix: use add()")
-        if self.free < len(seqs):
-            raise RuntimeError("not enough free rows in the batch")
-        if self.cache is None:
-            self._allocate()
+        self._make_room(len(seqs))
         first, device = len(self.active), model.device
         lengths = torch.tensor([len(s.prompt) for s in seqs], device=device)
         ids = torch.full((len(seqs), int(lengths.max())), c.pad_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
-        hidden = model.decode(ids.to(device), kv_caches=self.cache.row_caches(first))
-        last = hidden[torch.arange(len(seqs), device=device), lengths - 1]
-        for i, s in enumerate(seqs):
             self.cache.lengths[first + i] = len(s.prompt)
-            s.row, s.tokens, s.done = first + i, [], False
+        hidden = model.decode(ids.to(device), kv_caches=self.cache.row_caches(first))
+        return self._join(seqs, hidden[torch.arange(len(seqs), device=device), lengths - 1])
+
+    def _make_room(self, n: int) -> None:
+        if self.free < n:
+            raise RuntimeError("not enough free rows in the batch")
+        if self.cache is None:
+            self._allocate()
+
+    def _join(self, seqs: list[Sequence], last_hidden: torch.Tensor) -> list[tuple[int, float]]:
+        """Prefilled sequences take the next rows and sample their first tokens from last_hidden (n, dim)."""
+        for s in seqs:
+            s.row, s.tokens, s.done = len(self.active), [], False
             self.active.append(s)
             if self.on_prefill is not None:
                 self.on_prefill(s)
-        results = self._sample(seqs, model.logits(last).float())
+        results = self._sample(seqs, self.model.logits(last_hidden).float())
         for s in seqs:
             if s.done:
                 self._retire(s)

@@ -109,7 +109,7 @@ class PrefixCache:
         names = [f"prefix:{chains[i + 1]}" for i in group]
         if with_tail:
             names.append(f"prefix:{chains[group.stop]}:tail")
-        found = self._get_many([name + ":ok" for name in names] + names, touch=False)
+        found = self._get_many([name + ":ok" for name in names] + names)
         markers, values = found[:len(names)], found[len(names):]
         chunks = []
         for i, name, marker, data in zip(group, names, markers, values):
@@ -140,13 +140,13 @@ class PrefixCache:
         if fetcher is not None:
             fetcher.shutdown(wait=True)
 
-    def _get_many(self, keys: list[str], touch: bool = True) -> list[bytes | None]:
-        """Values of keys: one round trip where the storage offers get_many. touch=False leaves refreshing their
-        LRU order to touch_later(), where the storage can (touch_many)."""
+    def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Values of keys: one round trip where the storage offers get_many, leaving their LRU order to touch()
+        where the storage offers touch_many."""
         get_many = getattr(self.storage, "get_many", None)
         if get_many is None:
             return [self.storage.get(k) for k in keys]
-        return get_many(keys, touch=touch or not hasattr(self.storage, "touch_many"))
+        return get_many(keys, touch=False) if hasattr(self.storage, "touch_many") else get_many(keys)
 
     def touch_later(self, ids: list[int], reused: int) -> None:
         """touch() on a fetch thread (flush() waits for it)."""

@@ -264,9 +264,7 @@ class LocalEngine:
             chunk = self.prefix.chunk_tokens
             # New chunks and the partial one at the end; prompts shorter than a chunk are not worth it.
             if len(seq.prompt) >= chunk and seq.reused < len(seq.prompt) - 1:
-                first = seq.reused // chunk
-                k, v = self.scheduler.decoder.cache.read(seq.row, first * chunk, len(seq.prompt))
-                seq.prefix_write = (self.prefix.store, seq.prompt, self.prefix.pieces(k, v), first)
+                seq.prefix_write = self._chunks_to_store(seq, seq.prompt, seq.reused // chunk)
         elif not seq.reused:
             seq.prefix_write = (self.prefix.store_encoder, seq.prompt, seq.memory.clone())
 
@@ -277,14 +275,14 @@ class LocalEngine:
         c = self.model.config
         if self.prefix is None or not c.decoder_only or c.max_history_messages == 0 or not self.prefix_in_use(False):
             return  # (a model that reads no history never sees this reply again)
-        chunk, ids = self.prefix.chunk_tokens, seq.prompt + seq.tokens[:-1]
-        first = len(seq.prompt) // chunk
-        if len(seq.tokens) > 1 and len(ids) >= chunk:
-            k, v = self.scheduler.decoder.cache.read(seq.row, first * chunk, len(ids))
-            pending, seq.prefix_write = seq.prefix_write, None  # the prompt's own chunks go first
-            if pending is not None:
-                self._write(*pending)
-            self._write(self.prefix.store, ids, self.prefix.pieces(k, v), first)
+        ids = seq.prompt + seq.tokens[:-1]
+        if len(seq.tokens) > 1 and len(ids) >= self.prefix.chunk_tokens:  # (the prompt's write is queued already)
+            self._write(*self._chunks_to_store(seq, ids, len(seq.prompt) // self.prefix.chunk_tokens))
+
+    def _chunks_to_store(self, seq, ids: list[int], first: int) -> tuple:
+        """A write of ids' chunks first.. from the sequence's row: copies, made here on the scheduler thread."""
+        k, v = self.scheduler.decoder.cache.read(seq.row, first * self.prefix.chunk_tokens, len(ids))
+        return self.prefix.store, ids, self.prefix.pieces(k, v), first
 
     def _on_first_token(self, seq) -> None:
         """Scheduler thread, once the first token is handed to the reader: queue the copied chunks for writing,

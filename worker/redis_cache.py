@@ -112,16 +112,16 @@ class RedisLRUStorage:
     ):
         if capacity < 1 or ttl_s < 1:
             raise ValueError("capacity and ttl_s must be at least 1")
-        self.bulk = None  # get_many's client: large values read by BulkReplyParser (given a client: that client)
+        bulk = None
         if isinstance(client_or_url, str):
             options = dict(socket_timeout=5, socket_connect_timeout=2,
                            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))  # a cache should give up quickly
-            self.bulk = bulk_client(client_or_url, **options)
+            bulk = bulk_client(client_or_url, **options)
             client_or_url = redis.Redis.from_url(client_or_url, **options)
         if client_or_url.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisLRUStorage needs a client with decode_responses=False (values are bytes)")
         self.client = client_or_url
-        self.bulk = self.bulk or client_or_url
+        self.bulk = bulk or client_or_url  # get_many's client: large values read by BulkReplyParser
         self.namespace = namespace
         self.capacity = capacity
         self.ttl_s = ttl_s
