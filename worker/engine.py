@@ -287,11 +287,11 @@ class LocalEngine:
     def _on_first_token(self, seq) -> None:
         """Scheduler thread, once the first token is handed to the reader: queue the copied chunks for writing,
         and refresh the LRU order of the reused ones (work started earlier competed with handing out that token)."""
-        pending, seq.prefix_write = seq.prefix_write, None
+        pending, seq.prefix_write, prefix = seq.prefix_write, None, self.prefix
         if pending is not None:
             self._write(*pending)
-        if seq.reused and self.model.config.decoder_only:
-            self.prefix.touch_later(seq.prompt, seq.reused)
+        if seq.reused and prefix is not None and self.model.config.decoder_only:
+            prefix.touch_later(seq.prompt, seq.reused)
 
     def _write(self, fn, *args) -> None:
         with self._writes_lock:

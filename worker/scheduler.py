@@ -236,7 +236,10 @@ class Scheduler:
             self.stats["prefills"] += 1
             ticket.put(first)
             if self.on_first_token is not None:
-                self.on_first_token(ticket.seq)
+                try:
+                    self.on_first_token(ticket.seq)
+                except Exception:  # the server's bookkeeping (caching) failing must not fail the batch
+                    log.exception("on_first_token failed")
             if ticket.seq.done:
                 self._finish(ticket)
 

@@ -136,6 +136,18 @@ def test_request_joining_mid_batch(engine):
     assert [t for t, _ in second] == solo_tokens(engine.model, second_prompt, 30, engine.tokenizer.eos_id)
 
 
+def test_failing_first_token_bookkeeping_does_not_fail_the_request(engine, monkeypatch, caplog):
+    prompt = engine.prompt_ids(conversation(2))
+
+    def broken(seq):
+        raise RuntimeError("cache bookkeeping broke")
+
+    monkeypatch.setattr(engine.scheduler, "on_first_token", broken)
+    tokens = [t for t, _ in engine.generate(prompt, 20)]
+    assert tokens == solo_tokens(engine.model, prompt, 20, engine.tokenizer.eos_id)
+    assert "on_first_token failed" in caplog.text
+
+
 @pytest.mark.parametrize("bound", ["rows", "tokens"])
 def test_back_pressure_holds_the_bounds(tiny_model_dir, bound):
     engine = LocalEngine.load(tiny_model_dir, max_new_tokens=16)
