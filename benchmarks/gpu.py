@@ -1,12 +1,13 @@
 """Decode speed on whatever device is present: single-stream and batched tokens/s and time to first token.
 
-Prints one JSON object (and writes it to $OUT/gpu.json when OUT is set). Runs in well under 5 minutes on one
-H200 with the `base` preset: bf16 on CUDA, fp32 on the CPU. Sections that would overrun --budget-s are skipped.
-Usage: python benchmarks/gpu.py [--preset base] [--budget-s 150]
+On CUDA also: greedy decoding replayed from CUDA graphs (compiled and not), cuDNN attention's cost in eager
+decoding, and the kernels of one eager step. Prints one JSON object (and writes it to $OUT/gpu.json when OUT is
+set). Runs in under 5 minutes on one H200 with the `base` preset: bf16 on CUDA, fp32 on the CPU. Sections that
+would overrun --budget-s are skipped.
+Usage: python benchmarks/gpu.py [--preset base] [--budget-s 240]
 """
 
 import argparse
-import functools
 import importlib
 import json
 import os
@@ -38,10 +39,11 @@ def timed(device, fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="base")
-    parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--sections", default="ttft,single_eager,batched,compiled_reduce_overhead,compiled_default")
+    parser.add_argument("--sections", default="ttft,single_eager,cudnn_attention,batched,single_graphed,"
+                                              "single_graphed_uncompiled,batched_graphed,kernels")
     args = parser.parse_args()
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,6 +59,8 @@ def main() -> None:
            "preset": args.preset, "parameters": model.num_parameters(),
            "architecture": "decoder-only" if config.decoder_only else "encoder-decoder",
            "prompt_tokens": args.prompt_tokens, "new_tokens": new, "torch": torch.__version__, "skipped": []}
+    if device == "cuda":
+        out["cudnn_attention_enabled_at_start"] = torch.backends.cuda.cudnn_sdp_enabled()
 
     def left() -> float:
         return args.budget_s - (time.perf_counter() - started)
@@ -75,15 +79,34 @@ def main() -> None:
     def generate(ids, n, compile=False):
         return model.generate(ids, max_new_tokens=n, eos_token_id=-1, compile=compile)
 
+    def rate(ids, n, compile=False, repeats=2) -> float:
+        """Tokens/s of the best of `repeats` timed runs, after one untimed run (compilation, capture)."""
+        generate(ids, n, compile)
+        seconds = min(timed(device, lambda: generate(ids, n, compile)) for _ in range(repeats))
+        return round(ids.size(0) * n / seconds, 1)
+
     def ttft():
         generate(prompt, 1)
         times = [timed(device, lambda: generate(prompt, 1)) for _ in range(10)]
         out["ttft_ms_p50"] = round(statistics.median(times) * 1000, 3)
 
     def single_eager():
-        generate(prompt, 8)
-        seconds = min(timed(device, lambda: generate(prompt, new)) for _ in range(2))
-        out["single_stream_eager_tokens_per_s"] = round(new / seconds, 1)
+        out["single_stream_eager_tokens_per_s"] = rate(prompt, new)
+
+    def cudnn_attention():
+        """Why eager decoding avoids cuDNN's attention: ms per step at batch 64 with it allowed, and without."""
+        ids, steps, allowed = prompt.expand(64, -1).contiguous(), 16, {}
+        original = generation.avoid_cudnn_attention
+        try:
+            generation.avoid_cudnn_attention = lambda device: None
+            for enabled in (True, False):
+                torch.backends.cuda.enable_cudnn_sdp(enabled)
+                generate(ids, 2)
+                allowed[str(enabled).lower()] = round(timed(device, lambda: generate(ids, steps)) / steps * 1e3, 3)
+        finally:
+            generation.avoid_cudnn_attention = original
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        out["eager_step_ms_batch_64_by_cudnn_attention"] = allowed
 
     def batched():
         rates = {}
@@ -91,37 +114,62 @@ def main() -> None:
             if left() < 15:
                 out["skipped"].append(f"batch_{batch}")
                 break
-            ids = prompt.expand(batch, -1).contiguous()
-            generate(ids, 4)
-            seconds = timed(device, lambda: generate(ids, 128))
-            rates[batch] = round(batch * 128 / seconds, 1)
+            rates[batch] = rate(prompt.expand(batch, -1).contiguous(), 128, repeats=1)
         out["batched_eager_tokens_per_s"] = rates
-        out["aggregate_tokens_per_s_best"] = max(rates.values()) if rates else None
 
-    def single_compiled(mode):
-        def run():
-            step = functools.cache(lambda: torch.compile(generation.decode_step, mode=mode, dynamic=False))
-            original = generation.compiled_decode_step
-            generation.compiled_decode_step = step
-            try:
-                compile_s = timed(device, lambda: generate(prompt, 16, compile=True))
-                generate(prompt, 16, compile=True)
-                seconds = min(timed(device, lambda: generate(prompt, new, compile=True)) for _ in range(2))
-            finally:
-                generation.compiled_decode_step = original
-            key = "default" if mode is None else mode.replace("-", "_")
-            out[f"single_stream_compiled_{key}_tokens_per_s"] = round(new / seconds, 1)
-            out[f"compile_{key}_s"] = round(compile_s, 1)
-        return run
+    def single_graphed():
+        compile_s = timed(device, lambda: generate(prompt, 16, compile=True))
+        out["single_stream_graphed_tokens_per_s"] = rate(prompt, new, compile=True)
+        out["compile_s"] = round(compile_s, 1)
+
+    def single_graphed_uncompiled():
+        """The same CUDA graph over the eager kernels: what compiling adds."""
+        original = generation.compiled_decode_step
+        generation.compiled_decode_step = lambda: generation.decode_step
+        try:
+            out["single_stream_graphed_uncompiled_tokens_per_s"] = rate(prompt, new, compile=True)
+        finally:
+            generation.compiled_decode_step = original
+
+    def batched_graphed():
+        rates = {}
+        for batch in (64, 256, 1024):
+            if left() < 30:
+                out["skipped"].append(f"graphed_batch_{batch}")
+                break
+            rates[batch] = rate(prompt.expand(batch, -1).contiguous(), 128, compile=True, repeats=1)
+        out["batched_graphed_tokens_per_s"] = rates
+
+    def kernels():
+        """GPU kernels of one eager decoding step at batch 1: how many, and where the time goes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        generate(prompt, 8)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            generate(prompt, 9)
+            sync(device)
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        total = sum(e.device_time_total for e in events)
+        top = sorted(events, key=lambda e: -e.device_time_total)[:8]
+        out["eager_kernels_per_step"] = round(sum(e.count for e in events) / 9, 1)
+        out["eager_gpu_us_per_step"] = round(total / 9, 1)
+        out["eager_top_kernels"] = {e.key[:80]: round(e.device_time_total / 9, 1) for e in top}
 
     section("ttft", ttft, 10)
     section("single_eager", single_eager, 10)
+    if device == "cuda":
+        section("cudnn_attention", cudnn_attention, 20)
     section("batched", batched, 20)
     if device == "cuda":
-        section("compiled_reduce_overhead", single_compiled("reduce-overhead"), 60)
-        section("compiled_default", single_compiled(None), 50)
-    best = max([v for k, v in out.items() if k.startswith("single_stream_") and isinstance(v, float)], default=None)
-    out["single_stream_tokens_per_s_best"] = best
+        section("single_graphed", single_graphed, 40)
+        section("single_graphed_uncompiled", single_graphed_uncompiled, 15)
+        section("batched_graphed", batched_graphed, 40)
+        section("kernels", kernels, 10)
+    singles = [v for k, v in out.items() if k.startswith("single_stream_") and isinstance(v, float)]
+    aggregates = [v for k in ("batched_eager_tokens_per_s", "batched_graphed_tokens_per_s")
+                  for v in out.get(k, {}).values()]
+    out["single_stream_tokens_per_s_best"] = max(singles, default=None)
+    out["aggregate_tokens_per_s_best"] = max(aggregates, default=None)
     out["goals"] = {"single_stream_tokens_per_s": 5000, "aggregate_tokens_per_s": 100000}
     out["elapsed_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(out, indent=2)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .generate import fit_prompt, sample_next
+from .graphs import avoid_cudnn_attention
 
 
 @dataclass
@@ -141,6 +142,7 @@ class BatchDecoder:
 
     def _allocate(self) -> None:
         c, m = self.model.config, self.model
+        avoid_cudnn_attention(m.device)  # every step's keys are one longer
         args = (c.num_decoder_layers, self.max_batch_size, c.attention_heads, c.sequence_length, c.head_dim,
                 m.tok_emb.weight.dtype, m.device)
         self.cache = BatchKVCache(*args)

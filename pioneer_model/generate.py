@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .graphs import avoid_cudnn_attention, greedy_tokens
+
 
 def sample_next(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """Pick the next token for each row of (batch, vocab) logits; greedy when temperature <= 0."""
@@ -56,6 +58,7 @@ def start_decoding(model, ids, mask, max_new_tokens, compile=False):
     fixed-shape caches, gpt-fast style (one compilation per batch size, cache bucket and source length)."""
     c = model.config
     batch = ids.size(0)
+    avoid_cudnn_attention(ids.device)
     memory_kv = memory_mask = positions = attn_mask = None
     if c.decoder_only:
         prompt, max_new_tokens = fit_prompt(ids, max_new_tokens, c.sequence_length)
@@ -151,6 +154,8 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
     if mask is not None and bool(mask.all()):
         mask = None
     prompt, max_new_tokens, logits, step = start_decoding(model, ids, mask, max_new_tokens, compile)
+    if compile and ids.is_cuda and (temperature is None or temperature <= 0):  # no host work per token
+        return torch.cat([prompt, greedy_tokens(step, logits, max_new_tokens, eos)], dim=1)
 
     out, finished = [prompt], torch.zeros(ids.size(0), 1, dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):

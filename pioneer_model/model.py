@@ -178,7 +178,8 @@ class AttentionModel(nn.Module):
         """Like Hugging Face's generate: (batch, prompt + new) ids for decoder-only models, (batch, 1 + new)
         decoder ids (starting with BOS) for encoder-decoder models. Greedy at temperature 0.
         compile=True decodes with a torch.compile'd step: it compiles once per batch size and length bucket
-        (and source length, for encoder-decoder models), a minute on a small CPU, for a few percent there."""
+        (and source length, for encoder-decoder models), a minute on a small CPU, for a few percent there. On a
+        GPU, greedy decoding then replays each step from a CUDA graph (pioneer_model.graphs)."""
         from .generate import generate
 
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,

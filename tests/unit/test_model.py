@@ -199,6 +199,52 @@ def test_fixed_shape_decoding_equals_eager(model, fixed_shapes_in_eager):
     assert [t for t, _ in streamed] == [t for t, _ in model.stream_generate(rows[1], 6, eos_token_id=NO_EOS)]
 
 
+def test_device_side_greedy_loop_makes_eager_tokens(model, fixed_shapes_in_eager):
+    """The loop CUDA graphs replay, run here without a graph."""
+    from pioneer_model.graphs import greedy_tokens
+
+    batch, mask = left_pad([ids(1, n, seed=n)[0] for n in (3, 7)])
+    expected = model.generate(batch, max_new_tokens=45, eos_token_id=NO_EOS, attention_mask=mask)
+    prompt, n, logits, step = generate_module.start_decoding(model, batch, mask.bool(), 45, compile=True)
+    assert torch.equal(torch.cat([prompt, greedy_tokens(step, logits, n, None, graphed=False)], 1), expected)
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+@pytest.mark.parametrize("finish_at", [(0, 0), (2, 2), (3, 40), (3, None), (None, None), (33, 31)])
+def test_device_side_greedy_loop_stops_where_eager_decoding_stops(finish_at, graphed, monkeypatch):
+    """Rows that finished repeat eos, and the tokens end once every row has, though the loop checks only every
+    CHECK_EVERY tokens. A scripted "model" wants token 5 at each step, except eos (4) at a row's finish_at.
+    graphed: CUDA's side stream and capture stood in for (capturing records a step without running it)."""
+    import contextlib
+
+    from pioneer_model import graphs
+    from pioneer_model.graphs import greedy_tokens
+
+    captures = []
+    monkeypatch.setattr(graphs, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(graphs, "capture", lambda fn, stream: captures.append(fn) or fn)
+
+    eos, steps = 4, 45
+    script = torch.full((len(finish_at), steps), 5)
+    for row, at in enumerate(finish_at):
+        if at is not None:
+            script[row, at:] = torch.tensor([eos, 6, 7]).repeat(steps)[:steps - at]  # tokens after eos are masked
+    made = [1]
+
+    def step(token):
+        made[0] += 1
+        return torch.nn.functional.one_hot(script[:, made[0] - 1], VOCAB).float()
+
+    first = torch.nn.functional.one_hot(script[:, 0], VOCAB).float()
+    got = greedy_tokens(step, first, steps, eos, graphed=graphed)
+    ends = [steps if at is None else at + 1 for at in finish_at]
+    assert got.size(1) == max(ends)
+    assert len(captures) == (graphed and max(ends) > 1)  # all but a stop at the first check capture a step
+    for row, end in enumerate(ends):
+        assert got[row, :end].tolist() == script[row, :end].tolist()
+        assert (got[row, end:] == eos).all()
+
+
 def test_compiled_generate_equals_eager(decoder_only):
     batch, mask = left_pad([ids(1, n, seed=n)[0] for n in (4, 6)])
     for kwargs in ({}, {"attention_mask": mask}):  # one compilation serves both: same shapes
