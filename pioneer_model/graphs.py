@@ -9,9 +9,10 @@ EAGER_STEPS = 2  # steps run before capturing: they compile the step and set up 
 
 
 def avoid_cudnn_attention(device) -> None:
-    """Turn off cuDNN's attention on CUDA. It builds an execution plan for every new key length, so decoding with a
-    growing cache rebuilt one each step: batched eager decoding on an H200 ran ~40 ms a step at any batch size
-    from 16 to 1024. Flash and memory-efficient attention take over."""
+    """Turn off cuDNN's attention on CUDA. It builds an execution plan for each new key length, and decoding with a
+    growing cache has a new one every step. Batched eager decoding on an H200 took ~40 ms a step at every batch
+    size from 16 to 1024 (2026-11-28), which that would explain; benchmarks/gpu.py times a step with and without
+    it. Flash and memory-efficient attention take over."""
     if torch.device(device).type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
         torch.backends.cuda.enable_cudnn_sdp(False)
 
