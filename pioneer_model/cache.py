@@ -1,5 +1,6 @@
 """An LRU cache of attention computations over a small storage interface; tensors stored as safetensors bytes."""
 
+import contextlib
 import hashlib
 import json
 import math
@@ -122,8 +123,12 @@ def view_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise ValueError("header runs past the data")
     header = json.loads(bytes(data[8:8 + size]))
     base, tensors = 8 + size, {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": these tensors are only read
+    # torch warns that a read-only buffer (bytes) is not writable: these tensors are only read. catch_warnings()
+    # changes process-wide state, so it is kept to those buffers (prefix chunks come in writable ones).
+    readonly = memoryview(data).readonly
+    with warnings.catch_warnings() if readonly else contextlib.nullcontext():
+        if readonly:
+            warnings.simplefilter("ignore", UserWarning)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
