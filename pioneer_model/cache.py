@@ -1,6 +1,7 @@
 """An LRU cache of attention computations over a small storage interface; tensors stored as safetensors bytes."""
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -113,33 +114,48 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def view_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """Safetensors bytes read without copying: read-only tensors over `data` (copy them before writing), for
-    megabytes of cached keys and values that are copied into a KV cache anyway. Raises ValueError when the
-    bytes are not a well-formed safetensors file."""
+    """Safetensors bytes read without copying: tensors over `data` (copy them before writing), for megabytes of
+    cached keys and values that are copied into a KV cache anyway. Raises ValueError when the bytes are not a
+    well-formed safetensors file."""
     if len(data) < 8:
         raise ValueError("too short for a safetensors header")
     (size,) = struct.unpack_from("<Q", data)
     if 8 + size > len(data):
         raise ValueError("header runs past the data")
-    header = json.loads(bytes(data[8:8 + size]))
-    base, tensors = 8 + size, {}
+    layout, base, tensors = _layout(bytes(data[8:8 + size])), 8 + size, {}
     # torch warns that a read-only buffer (bytes) is not writable: these tensors are only read. catch_warnings()
     # changes process-wide state, so it is kept to those buffers (prefix chunks come in writable ones).
     readonly = memoryview(data).readonly
     with warnings.catch_warnings() if readonly else contextlib.nullcontext():
         if readonly:
             warnings.simplefilter("ignore", UserWarning)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-            count = math.prod(shape)
-            if not 0 <= start <= end <= len(data) - base or end - start != count * dtype.itemsize:
-                raise ValueError(f"tensor {name!r} does not match its data")
-            tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count
+        for name, dtype, shape, start, end in layout:
+            if end > len(data) - base:
+                raise ValueError(f"tensor {name!r} runs past the data")
+            tensors[name] = (torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize,
+                                              offset=base + start) if end > start
                              else torch.empty(0, dtype=dtype)).view(shape)
     return tensors
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(header: bytes) -> tuple:
+    """(name, dtype, shape, start, end) of each tensor in a safetensors header. Cached: a model's full prefix
+    chunks all have the same header, and parsing it was most of the time of reading one."""
+    try:
+        entries = json.loads(header)
+        layout = []
+        for name, info in entries.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+            if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} does not match its data")
+            layout.append((name, dtype, shape, start, end))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed safetensors header: {exc!r}") from exc
+    return tuple(layout)
 
 
 class AttentionCache:
