@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pioneer_model import PRESETS, AttentionModel, ModelConfig  # noqa: E402
+from pioneer_model import graphs  # noqa: E402
 generation = importlib.import_module("pioneer_model.generate")
 
 
@@ -174,6 +175,7 @@ def main() -> None:
     singles = [v for k, v in out.items() if k.startswith("single_stream_") and isinstance(v, float)]
     aggregates = [v for k in ("batched_eager_tokens_per_s", "batched_graphed_tokens_per_s")
                   for v in out.get(k, {}).values()]
+    out["cuda_graphs"] = dict(graphs.stats)  # captured, or failed and decoded without one
     out["single_stream_tokens_per_s_best"] = max(singles, default=None)
     out["aggregate_tokens_per_s_best"] = max(aggregates, default=None)
     out["goals"] = {"single_stream_tokens_per_s": 5000, "aggregate_tokens_per_s": 100000}

@@ -2,8 +2,11 @@
 
 from contextlib import contextmanager
 
+import warnings
+
 import torch
 
+stats = {"captured": 0, "capture_failed": 0}  # CUDA graphs of greedy_tokens, for benchmarks and diagnosis
 CHECK_EVERY = 32  # tokens between the host's checks whether every row has finished (each check waits for the GPU)
 EAGER_STEPS = 2  # steps run before capturing: they compile the step and set up the libraries' workspaces
 
@@ -49,7 +52,12 @@ def greedy_tokens(step, logits: torch.Tensor, max_new_tokens: int, eos: int | No
                 advance()
                 made += 1
             if more():
-                advance = capture(advance, side)
+                try:
+                    advance = capture(advance, side)
+                    stats["captured"] += 1
+                except RuntimeError as exc:  # not capturable here: decode on without a graph (a capture runs nothing)
+                    stats["capture_failed"] += 1
+                    warnings.warn(f"CUDA graph capture failed, decoding without one: {exc}", RuntimeWarning)
     while more():
         advance()
         made += 1

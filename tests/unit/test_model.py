@@ -209,40 +209,63 @@ def test_device_side_greedy_loop_makes_eager_tokens(model, fixed_shapes_in_eager
     assert torch.equal(torch.cat([prompt, greedy_tokens(step, logits, n, None, graphed=False)], 1), expected)
 
 
-@pytest.mark.parametrize("graphed", [False, True])
-@pytest.mark.parametrize("finish_at", [(0, 0), (2, 2), (3, 40), (3, None), (None, None), (33, 31)])
-def test_device_side_greedy_loop_stops_where_eager_decoding_stops(finish_at, graphed, monkeypatch):
-    """Rows that finished repeat eos, and the tokens end once every row has, though the loop checks only every
-    CHECK_EVERY tokens. A scripted "model" wants token 5 at each step, except eos (4) at a row's finish_at.
-    graphed: CUDA's side stream and capture stood in for (capturing records a step without running it)."""
-    import contextlib
-
-    from pioneer_model import graphs
-    from pioneer_model.graphs import greedy_tokens
-
-    captures = []
-    monkeypatch.setattr(graphs, "side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(graphs, "capture", lambda fn, stream: captures.append(fn) or fn)
-
-    eos, steps = 4, 45
+def scripted_model(finish_at, steps=45, eos=4):
+    """A stand-in for a decoding step: it wants token 5 at each step, except eos (4) at a row's finish_at, then
+    other tokens (which the loop must mask). Returns (step, first logits)."""
     script = torch.full((len(finish_at), steps), 5)
     for row, at in enumerate(finish_at):
         if at is not None:
-            script[row, at:] = torch.tensor([eos, 6, 7]).repeat(steps)[:steps - at]  # tokens after eos are masked
+            script[row, at:] = torch.tensor([eos, 6, 7]).repeat(steps)[:steps - at]
     made = [1]
 
     def step(token):
         made[0] += 1
         return torch.nn.functional.one_hot(script[:, made[0] - 1], VOCAB).float()
 
-    first = torch.nn.functional.one_hot(script[:, 0], VOCAB).float()
-    got = greedy_tokens(step, first, steps, eos, graphed=graphed)
-    ends = [steps if at is None else at + 1 for at in finish_at]
+    return step, torch.nn.functional.one_hot(script[:, 0], VOCAB).float()
+
+
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    """CUDA's side stream and graph capture stood in for: capturing records a step without running it."""
+    import contextlib
+
+    from pioneer_model import graphs
+
+    captured = []
+    monkeypatch.setattr(graphs, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(graphs, "capture", lambda fn, stream: captured.append(fn) or fn)
+    return captured
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+@pytest.mark.parametrize("finish_at", [(0, 0), (2, 2), (3, 40), (3, None), (None, None), (33, 31)])
+def test_device_side_greedy_loop_stops_where_eager_decoding_stops(finish_at, graphed, stand_in_capture):
+    """Rows that finished repeat eos, and the tokens end once every row has, though the loop checks only every
+    CHECK_EVERY tokens."""
+    from pioneer_model.graphs import greedy_tokens
+
+    step, first = scripted_model(finish_at)
+    got = greedy_tokens(step, first, 45, 4, graphed=graphed)
+    ends = [45 if at is None else at + 1 for at in finish_at]
     assert got.size(1) == max(ends)
-    assert len(captures) == (graphed and max(ends) > 1)  # all but a stop at the first check capture a step
-    for row, end in enumerate(ends):
-        assert got[row, :end].tolist() == script[row, :end].tolist()
-        assert (got[row, end:] == eos).all()
+    assert len(stand_in_capture) == (graphed and max(ends) > 1)  # all but a stop at the first check capture a step
+    for row, at in enumerate(finish_at):  # 5s, then eos from the row's finish on (its 6s and 7s masked)
+        assert got[row].tolist() == ([5] * got.size(1) if at is None else [5] * at + [4] * (got.size(1) - at))
+
+
+def test_a_failed_capture_decodes_on_without_a_graph(stand_in_capture, monkeypatch):
+    from pioneer_model import graphs
+
+    def refuse(fn, stream):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    expected = graphs.greedy_tokens(*scripted_model((3, 40)), 45, 4, graphed=False)
+    monkeypatch.setattr(graphs, "capture", refuse)
+    failed = graphs.stats["capture_failed"]
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        assert torch.equal(graphs.greedy_tokens(*scripted_model((3, 40)), 45, 4, graphed=True), expected)
+    assert graphs.stats["capture_failed"] == failed + 1
 
 
 def test_compiled_generate_equals_eager(decoder_only):
