@@ -25,6 +25,7 @@ class Sequence:
     memory: torch.Tensor | None = None  # encoder-decoder: the encoder output (1, S, dim), if already known
     reused: int = 0  # prompt tokens whose keys/values (or encoder output) came from a cache
     prefix_write: tuple | None = None  # copied keys/values of new prompt chunks, for the server to cache
+    hold_reply_write: bool = False  # the server keeps a finished reply's prefix_write until told to write it
     tokens: list[int] = field(default_factory=list)
     row: int = -1
     done: bool = False

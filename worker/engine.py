@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -36,6 +36,14 @@ class LocalReply:
     prompt_tokens: int
     cached: bool = False
     seconds: float = 0.0
+    cache_keys_values: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def keep(self) -> None:
+        """This reply is the answer: cache its keys/values for the next turn, where the engine held them back
+        (hold_reply_cache=True). A reply that is not kept (routed elsewhere) leaves nothing in the cache."""
+        write, self.cache_keys_values = self.cache_keys_values, None
+        if write is not None:
+            write()
 
     @property
     def raw_confidence(self) -> float:
@@ -122,11 +130,13 @@ class LocalEngine:
         return self.tokenizer.count_tokens(text)
 
     def stream(self, messages: list[dict], max_new_tokens: int | None = None, *, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               hold_reply_cache: bool = False) -> Iterator[str]:
         """Yield text deltas of a reply (greedy unless temperature > 0); the generator's return value is the
-        LocalReply. Greedy replies are cached whole."""
+        LocalReply. Greedy replies are cached whole. hold_reply_cache: the reply's keys/values go to the prefix
+        cache only once LocalReply.keep() is called (for a reply that may be thrown away)."""
         reply = self._begin(messages, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                           seed=seed))
+                                                           seed=seed), hold_reply_cache)
         try:
             reply.submit()
             for token_id, logprob in reply.steps:
@@ -140,11 +150,11 @@ class LocalEngine:
             reply.close()
         return reply.result()
 
-    async def astream(self, messages: list[dict], max_new_tokens: int | None = None,
-                      **sampling) -> AsyncIterator[str | LocalReply]:
+    async def astream(self, messages: list[dict], max_new_tokens: int | None = None, *,
+                      hold_reply_cache: bool = False, **sampling) -> AsyncIterator[str | LocalReply]:
         """stream() for an event loop, without a thread per reply: tokens come from the scheduler thread straight
         to the loop. Yields text deltas, then the LocalReply. Fetching cached prefixes runs in a thread."""
-        reply = self._begin(messages, max_new_tokens, sampling)
+        reply = self._begin(messages, max_new_tokens, sampling, hold_reply_cache)
         try:
             if reply.cached is None and self._may_reuse_prefix(len(reply.ids)):
                 await asyncio.to_thread(reply.submit)
@@ -162,9 +172,10 @@ class LocalEngine:
             reply.close()
         yield reply.result()
 
-    def _begin(self, messages: list[dict], max_new_tokens: int | None, sampling: dict) -> "_Reply":
+    def _begin(self, messages: list[dict], max_new_tokens: int | None, sampling: dict,
+               hold_reply_cache: bool = False) -> "_Reply":
         ids = self.prompt_ids(messages)
-        reply = _Reply(self, ids, max_new_tokens or self.max_new_tokens, sampling)
+        reply = _Reply(self, ids, max_new_tokens or self.max_new_tokens, sampling, hold_reply_cache)
         with self.stats.lock:
             self.stats.requests += 1
             self.stats.busy += 1
@@ -180,14 +191,16 @@ class LocalEngine:
             ticket.cancel()  # the caller stopped reading: free its row (no-op once finished)
 
     def submit(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Ticket:
+               top_p: float | None = None, seed: int | None = None, hold_reply_cache: bool = False) -> Ticket:
         """Queue one request in the shared batch (after looking up its cached prefix); read tokens from the
-        ticket, and cancel it to stop early."""
+        ticket, and cancel it to stop early. hold_reply_cache: a finished reply's keys/values wait in
+        ticket.seq.prefix_write for the caller to write (see LocalReply.keep)."""
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
         seq = make_sequence(self.model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, eos_token_id=self.tokenizer.eos_id, generator=generator)
+                            top_p=top_p, eos_token_id=self.tokenizer.eos_id, generator=generator,
+                            hold_reply_write=hold_reply_cache)
         self._attach_prefix(seq)
         return self.scheduler.submit(seq)
 
@@ -277,7 +290,11 @@ class LocalEngine:
             return  # (a model that reads no history never sees this reply again)
         ids = seq.prompt + seq.tokens[:-1]
         if len(seq.tokens) > 1 and len(ids) >= self.prefix.chunk_tokens:  # (the prompt's write is queued already)
-            self._write(*self._chunks_to_store(seq, ids, len(seq.prompt) // self.prefix.chunk_tokens))
+            write = self._chunks_to_store(seq, ids, len(seq.prompt) // self.prefix.chunk_tokens)
+            if seq.hold_reply_write:
+                seq.prefix_write = write  # LocalReply.keep() writes it
+            else:
+                self._write(*write)
 
     def _chunks_to_store(self, seq, ids: list[int], first: int) -> tuple:
         """A write of ids' chunks first.. from the sequence's row: copies, made here on the scheduler thread."""
@@ -347,8 +364,10 @@ class LocalEngine:
 class _Reply:
     """The bookkeeping of one reply: reply-cache lookup, the request in the batch, text decoding, statistics."""
 
-    def __init__(self, engine: LocalEngine, ids: list[int], max_new_tokens: int, sampling: dict):
+    def __init__(self, engine: LocalEngine, ids: list[int], max_new_tokens: int, sampling: dict,
+                 hold_reply_cache: bool = False):
         self.engine, self.ids, self.max_new_tokens, self.sampling = engine, ids, max_new_tokens, sampling
+        self.hold_reply_cache = hold_reply_cache
         self.started = time.perf_counter()
         temperature = sampling.get("temperature")
         self.use_cache = engine.cache is not None and (temperature is None or temperature <= 0)
@@ -365,7 +384,8 @@ class _Reply:
     def submit(self) -> None:
         if self.cached is None:
             sampling = {k: v for k, v in self.sampling.items() if v is not None}
-            self.ticket = self.engine.submit(self.ids, self.max_new_tokens, **sampling)
+            self.ticket = self.engine.submit(self.ids, self.max_new_tokens, hold_reply_cache=self.hold_reply_cache,
+                                             **sampling)
             self.steps = self.ticket
 
     def add(self, token_id: int, logprob: float) -> str:
@@ -401,8 +421,11 @@ class _Reply:
             engine.cache.put(self.key, {"tokens": torch.tensor(self.token_ids), "logprobs": torch.tensor(self.logprobs)})
 
     def result(self) -> LocalReply:
-        return LocalReply("".join(self.parts), self.token_ids, self.logprobs, len(self.ids), self.cached is not None,
+        held = None if self.ticket is None or not self.ticket.finished else self.ticket.seq.prefix_write
+        reply = LocalReply("".join(self.parts), self.token_ids, self.logprobs, len(self.ids), self.cached is not None,
                           time.perf_counter() - self.started)
+        reply.cache_keys_values = None if held is None else (lambda: self.engine._write(*held))
+        return reply
 
 
 async def _as_async(steps):

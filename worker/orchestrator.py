@@ -122,9 +122,10 @@ class Orchestrator:
         return self._engine if self.engine_loaded else await asyncio.to_thread(lambda: self.engine)
 
     async def _local_reply(self, messages) -> LocalReply:
-        """The whole local reply (to decide on before any of it is shown)."""
+        """The whole local reply (to decide on before any of it is shown). Its keys/values reach the prefix cache
+        only if _replay() sends it: a reply routed to OpenAI is not the conversation's next turn."""
         engine = await self.loaded_engine()
-        async for item in engine.astream(messages):
+        async for item in engine.astream(messages, hold_reply_cache=True):
             if isinstance(item, LocalReply):
                 return item
         raise RuntimeError("the engine ended a reply without its result")
@@ -221,6 +222,7 @@ class Orchestrator:
                         cached=reply.cached)
 
     async def _replay(self, reply: LocalReply, score: float, route: str, fallback: str | None):
+        reply.keep()
         for piece in pieces(reply.text):
             yield piece
         yield ReplyMeta("local", round(score, 4), round(reply.raw_confidence, 4), reply.usage, route,

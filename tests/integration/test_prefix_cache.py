@@ -168,3 +168,47 @@ def test_a_reply_is_cached_only_for_models_that_read_history(tiny_model_dir, rea
         assert engine.info()["prefix_cache"]["chunks_written"] == cached // CHUNK
     finally:
         engine.close()
+
+
+def test_a_held_reply_reaches_the_cache_only_when_kept(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, MemoryLRUStorage(10_000))
+    try:
+        messages = history(1) + [{"role": "user", "content": "hello there"}]
+        prompt = engine.prompt_ids(messages)
+        reply = engine.reply(messages, max_new_tokens=20, hold_reply_cache=True)
+        with_reply = len(prompt) + len(reply.token_ids) - 1  # tokens whose keys/values the reply's turn holds
+        assert with_reply // CHUNK > len(prompt) // CHUNK >= 1  # the reply fills a chunk of its own
+        engine.flush()
+        assert engine.info()["prefix_cache"]["chunks_written"] == len(prompt) // CHUNK  # the prompt's only
+        reply.keep()
+        reply.keep()  # once is enough
+        engine.flush()
+        assert engine.info()["prefix_cache"]["chunks_written"] == with_reply // CHUNK
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("threshold, method", [(1.0, "openai"), (0.0, "local")])
+async def test_hybrid_caches_a_local_reply_only_when_it_is_the_answer(tiny_model_dir, threshold, method):
+    """A local reply routed to OpenAI is not the conversation's next turn: its keys/values stay out of the cache."""
+    from tests.fakes.openai_server import FakeOpenAI, Scenario
+    from worker.openai_backend import OpenAIBackend
+    from worker.orchestrator import Orchestrator
+
+    engine = make_engine(tiny_model_dir, MemoryLRUStorage(10_000))
+    async with FakeOpenAI() as fake:
+        backend = OpenAIBackend("sk-test", fake.base_url, "fake-model", max_retries=0)
+        fake.script(Scenario.reply("From the API."))
+        try:
+            messages = history(1) + [{"role": "user", "content": "hello there"}]
+            prompt = engine.prompt_ids(messages)
+            result = await Orchestrator(engine, backend, mode="hybrid", threshold=threshold).complete(messages)
+            assert result.method == method
+            engine.flush()
+            with_reply = len(prompt) + engine.stats.generated_tokens - 1
+            assert with_reply // CHUNK > len(prompt) // CHUNK >= 1  # the local reply filled a chunk of its own
+            written = engine.info()["prefix_cache"]["chunks_written"]
+            assert written == (len(prompt) if method == "openai" else with_reply) // CHUNK
+        finally:
+            await backend.aclose()
+            engine.close()
