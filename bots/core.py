@@ -307,6 +307,7 @@ class ConversationCore:
             "batching": describe_batching(worker.get("batching") or {}),
             "queue depth": await self._safe(self.dispatcher.queue_depth),
             "workers online": await self._safe(self.dispatcher.workers_online),
+            "hybrid threshold": describe_threshold(worker),
             "openai": "configured" if openai.get("configured") else "not configured",
             "openai model": openai.get("model", "-"),
             "answered": ", ".join(f"{k} {v}" for k, v in sorted(self.answered.items())) or "none yet",
@@ -319,6 +320,16 @@ class ConversationCore:
             return await asyncio.wait_for(call(), 2.0)
         except Exception:
             return "unknown"
+
+
+def describe_threshold(info: dict) -> str:
+    """HYBRID_MODE_THRESHOLD against the highest confidence a local reply can get, for /info."""
+    threshold, highest = info.get("hybrid_mode_threshold"), info.get("highest_confidence")
+    if threshold is None or highest is None:
+        return "unknown"
+    if threshold > highest:
+        return f"{threshold}, above the highest confidence a local reply gets ({highest:.2f}): hybrid always asks OpenAI"
+    return f"{threshold} (local replies score at most {highest:.2f})"
 
 
 def describe_prefix_cache(info: dict) -> str:

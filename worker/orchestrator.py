@@ -105,6 +105,15 @@ class Orchestrator:
         self.calibration = calibration
         self.counts: dict[str, int] = defaultdict(int)
         self._loading = threading.Lock()
+        if threshold > self.highest_confidence:
+            log.warning("HYBRID_MODE_THRESHOLD %.2f is above the highest confidence the calibrated model gives "
+                        "(%.2f): in hybrid mode every reply that OpenAI can answer goes to OpenAI",
+                        threshold, self.highest_confidence)
+
+    @property
+    def highest_confidence(self) -> float:
+        """The calibrated confidence of a reply whose every token had probability 1: no reply scores higher."""
+        return self.calibrated(1.0)
 
     @property
     def engine_loaded(self) -> bool:
@@ -255,7 +264,8 @@ class Orchestrator:
 
     def info(self) -> dict:
         info = {"attention_mode": self.mode, "hybrid_mode_threshold": self.threshold,
-                "calibrated": self.calibration is not None, "answered": dict(self.counts)}
+                "calibrated": self.calibration is not None, "highest_confidence": round(self.highest_confidence, 3),
+                "answered": dict(self.counts)}
         info["openai"] = self.backend.describe() if self.backend is not None else {"configured": False}
         return info
 

@@ -116,3 +116,17 @@ def test_reliability_table_and_routing_figures():
     figures = routing(results, calibration, 0.8)
     assert figures["simple"] == {"queries": 6, "answered_locally": 2, "share_local": 0.333, "adequate_when_local": 1.0}
     assert figures["complex"]["answered_locally"] == 0
+
+
+def test_a_threshold_no_reply_can_reach_is_pointed_out(caplog):
+    from bots.core import describe_threshold
+    from worker.orchestrator import Orchestrator
+
+    calibration = Calibration(slope=2.0, intercept=2.9)  # at best sigmoid(2.9) = 0.948
+    reachable = Orchestrator(lambda: None, None, mode="hybrid", threshold=0.9, calibration=calibration)
+    assert "HYBRID_MODE_THRESHOLD" not in caplog.text
+    assert describe_threshold(reachable.info()) == "0.9 (local replies score at most 0.95)"
+    beyond = Orchestrator(lambda: None, None, mode="hybrid", threshold=0.97, calibration=calibration)
+    assert "HYBRID_MODE_THRESHOLD 0.97 is above the highest confidence the calibrated model gives (0.95)" in caplog.text
+    assert describe_threshold(beyond.info()).startswith("0.97, above the highest confidence a local reply gets (0.95)")
+    assert describe_threshold({}) == "unknown"
