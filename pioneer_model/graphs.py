@@ -1,8 +1,7 @@
 """Greedy decoding on a GPU with no host work per token: each step is replayed from one CUDA graph (gpt-fast's way)."""
 
-from contextlib import contextmanager
-
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -74,9 +73,11 @@ def side_stream(device):
     """A fresh CUDA stream that starts after, and is waited for by, the current one."""
     main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
     side.wait_stream(main)
-    with torch.cuda.stream(side):
-        yield side
-    main.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            yield side
+    finally:
+        main.wait_stream(side)
 
 
 def capture(fn, stream):
