@@ -2,7 +2,6 @@
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
@@ -108,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat in the terminal (embedded mode without REDIS_URL)")
     chat.add_argument("--user", help="your user id in memory (default: your login name)")
     chat.set_defaults(func=cmd_chat)
-    worker = sub.add_parser("worker", help="run a Celery worker hosting the model (needs REDIS_URL)")
-    worker.add_argument("--pool", default="threads", choices=["threads", "solo"])
-    worker.add_argument("--concurrency", type=int)
-    worker.add_argument("--name", help="worker node name, e.g. gpu1@%%h")
-    worker.set_defaults(func=cmd_worker)
+    serve = sub.add_parser("worker", help="run a Celery worker hosting the model (needs REDIS_URL)")
+    serve.add_argument("--pool", default="threads", choices=["threads", "solo"])
+    serve.add_argument("--concurrency", type=int)
+    serve.add_argument("--name", help="worker node name, e.g. gpu1@%%h")
+    serve.set_defaults(func=cmd_worker)
     sub.add_parser("migrate", help="apply the database migrations").set_defaults(func=cmd_migrate)
     for name, (func, text) in PASS_THROUGH.items():
         p = sub.add_parser(name, help=text, add_help=False)
