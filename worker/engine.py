@@ -315,7 +315,11 @@ class LocalEngine:
             if len(self._writes) >= MAX_PENDING_WRITES:  # the cache is slow: skip rather than pile up memory
                 self.prefix.count("writes_skipped")
                 return
-            future = self._writer.submit(fn, *args)
+            try:
+                future = self._writer.submit(fn, *args)
+            except RuntimeError:  # closed (shutting down): the cache can do without it
+                self.prefix.count("writes_skipped")
+                return
             self._writes.add(future)
         future.add_done_callback(self._written)
 

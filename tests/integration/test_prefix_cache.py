@@ -184,8 +184,12 @@ def test_a_held_reply_reaches_the_cache_only_when_kept(tiny_model_dir):
         reply.keep()  # once is enough
         engine.flush()
         assert engine.info()["prefix_cache"]["chunks_written"] == with_reply // CHUNK
+        late = engine.reply(messages + [{"role": "assistant", "content": reply.text}], max_new_tokens=20,
+                            hold_reply_cache=True)
     finally:
         engine.close()
+    late.keep()  # kept after the engine closed (a reply sent while the worker shuts down): skipped, no error
+    assert engine.info()["prefix_cache"]["writes_skipped"] == 1
 
 
 @pytest.mark.parametrize("threshold, method", [(1.0, "openai"), (0.0, "local")])
