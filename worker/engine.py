@@ -1,6 +1,7 @@
 """The local inference engine: one model per worker process, serving concurrent requests."""
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -426,10 +427,9 @@ class _Reply:
 
     def result(self) -> LocalReply:
         held = None if self.ticket is None or not self.ticket.finished else self.ticket.seq.prefix_write
-        reply = LocalReply("".join(self.parts), self.token_ids, self.logprobs, len(self.ids), self.cached is not None,
-                          time.perf_counter() - self.started)
-        reply.cache_keys_values = None if held is None else (lambda: self.engine._write(*held))
-        return reply
+        return LocalReply("".join(self.parts), self.token_ids, self.logprobs, len(self.ids), self.cached is not None,
+                          time.perf_counter() - self.started,
+                          cache_keys_values=None if held is None else functools.partial(self.engine._write, *held))
 
 
 async def _as_async(steps):

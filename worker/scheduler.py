@@ -85,7 +85,8 @@ class Scheduler:
 
     def __init__(self, model, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
                  on_prefill=None, on_first_token=None, on_done=None):
-        self.decoder = BatchDecoder(model, max_batch_size, on_prefill, on_done)
+        self.decoder = BatchDecoder(model, max_batch_size, _quietly("on_prefill", on_prefill),
+                                    _quietly("on_done", on_done))
         self.on_first_token = on_first_token  # called with each sequence once its first token is handed out
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * model.config.sequence_length
@@ -236,10 +237,7 @@ class Scheduler:
             self.stats["prefills"] += 1
             ticket.put(first)
             if self.on_first_token is not None:
-                try:
-                    self.on_first_token(ticket.seq)
-                except Exception:  # the server's bookkeeping (caching) failing must not fail the batch
-                    log.exception("on_first_token failed")
+                _quietly("on_first_token", self.on_first_token)(ticket.seq)
             if ticket.seq.done:
                 self._finish(ticket)
 
@@ -280,6 +278,21 @@ class Scheduler:
         for ticket in tickets:
             self._release(ticket)
             ticket.put(RuntimeError(f"generation failed: {exc}"))
+
+
+def _quietly(name: str, hook):
+    """hook(seq), logging an exception instead of raising it: the server's bookkeeping around a sequence (caching
+    its keys/values) failing must not fail the batch."""
+    if hook is None:
+        return None
+
+    def run(seq) -> None:
+        try:
+            hook(seq)
+        except Exception:
+            log.exception("%s failed", name)
+
+    return run
 
 
 @atexit.register
