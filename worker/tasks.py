@@ -33,21 +33,19 @@ class WorkerRuntime:
         self.orchestrator.engine  # noqa: B018
         settings = get_worker_settings()
         if settings.redis_url:
-            self.announcer = asyncio.run_coroutine_threadsafe(self._announce(settings.redis_url), self.loop.loop)
+            self.announcer = asyncio.run_coroutine_threadsafe(self._announce(), self.loop.loop)
 
     def stop_announcing(self) -> None:
         """Stop the announcements (safe from a signal handler: nothing blocks); withdraw() removes the entry."""
         if self.announcer is not None:
             self.loop.loop.call_soon_threadsafe(self.announcer.cancel)
 
-    async def _announce(self, redis_url: str) -> None:
-        import redis
-
+    async def _announce(self) -> None:
         from .orchestrator import attention_orchestrator, get_attention_info
         from .registry import announce
 
         attention_orchestrator.set(self.orchestrator)
-        client = redis.Redis.from_url(redis_url)
+        client = broker_client()  # with timeouts: a call stuck on a dead connection would hold up the exit
         while True:
             try:
                 await asyncio.to_thread(announce, client, get_attention_info())

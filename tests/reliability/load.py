@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.fakes.discord_server import FakeDiscord
 from tests.helpers import eventually
-from tests.reliability.stack import front_end, pioneer_env, sql_rows, wait_for_workers, worker
+from tests.reliability.stack import front_end, pioneer_env, sql_rows, stop_all, wait_for_workers, worker
 
 MARKER = "▌"
 
@@ -157,5 +157,4 @@ async def discord_stack(log_dir: Path, model_dir: Path, redis_url: str, database
             await eventually(lambda: fake.sessions and fake.global_commands, timeout=90, interval=0.1)
             yield fake, processes
         finally:
-            for process in processes:
-                process.stop()
+            await asyncio.to_thread(stop_all, processes)

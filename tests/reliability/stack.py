@@ -52,18 +52,38 @@ class Process:
         return killed_at
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait (SIGKILL if it does not exit in time); returns the exit code."""
-        if self.running:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        return self.popen.returncode if self.popen else 0
+        """SIGTERM and wait; returns the exit code (see stop_all)."""
+        return stop_all([self], timeout)[0]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def stop_all(processes: list[Process], timeout: float = 30) -> list[int]:
+    """SIGTERM every process, then wait for each; returns their exit codes. One that does not exit in time gets a
+    SIGUSR1 (a worker logs every thread's stack on it, so its log shows where it hung) and is then killed. Async
+    tests call this in a thread: a fake server on their event loop must go on answering while workers finish."""
+    running = [p for p in processes if p.running]
+    for process in running:
+        process.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.popen.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            process.popen.kill()
+            process.popen.wait(10)
+    return [p.popen.returncode if p.popen else 0 for p in processes]
+
+
+def check_clean_exit(processes: list[Process], codes: list[int]) -> None:
+    """Each process exited 0 with no traceback in its log; a failure shows the end of the log of the one that did
+    not (with the stacks stop_all had it write)."""
+    for process, code in zip(processes, codes):
+        log = process.log()
+        assert code == 0 and "Traceback" not in log, f"{process.name} exited {code}; its log ends:\n{log[-20000:]}"
 
 
 def worker(env: dict, name: str, log_dir: Path, concurrency: int = 2) -> Process:

@@ -8,7 +8,7 @@ from tests.fakes.openai_server import FakeOpenAI, Scenario
 from tests.fakes.slack_server import FakeSlack
 from tests.helpers import eventually, free_port
 from tests.integration.test_slack import SECRET, World, listening
-from tests.reliability.stack import front_end, pioneer_env, sql_rows, wait_for_workers, worker
+from tests.reliability.stack import front_end, pioneer_env, sql_rows, stop_all, wait_for_workers, worker
 
 REPLY = "Redelivered replies replace the half they interrupted, so every user sees one whole answer in one message."
 SLOW = Scenario.reply(REPLY, chunks=12, delay_s=0.4)  # about five seconds: time to kill something mid-reply
@@ -54,8 +54,7 @@ async def test_a_front_end_killed_mid_edit_finishes_or_marks_its_replies_on_rest
             await eventually(lambda: second["text"].endswith(INTERRUPTED_NOTE), timeout=60, interval=0.1)
             await eventually(lambda: a_reply_is(database_url, "interrupted"), timeout=30, interval=0.2)  # then the row
         finally:
-            for process in processes:
-                process.stop()
+            await asyncio.to_thread(stop_all, processes)
 
     assert [m["text"] for m in world.replies("C1", finished["ts"])] == [REPLY]  # one message, finished in place
     [interrupted] = world.replies("C1", cut_off["ts"])

@@ -8,7 +8,8 @@ from bots.core import Incoming
 from bots.memory import Place
 from tests.fakes.openai_server import FakeOpenAI, Scenario
 from tests.helpers import RecordingSink, eventually, make_settings
-from tests.reliability.stack import pioneer_env, sql_rows, stream_attempts, wait_for_workers, worker
+from tests.reliability.stack import (check_clean_exit, pioneer_env, sql_rows, stop_all, stream_attempts,
+                                     wait_for_workers, worker)
 from worker import runtime
 from worker.orchestrator import ReplyMeta
 from worker.streams import RedisStreamBus
@@ -42,7 +43,7 @@ async def test_a_worker_killed_mid_reply_is_replaced_and_the_user_sees_one_whole
         finally:
             if service is not None:
                 await service.close()
-            codes = {name: process.stop() for name, process in workers.items()}
+            codes = dict(zip(workers, await asyncio.to_thread(stop_all, list(workers.values()))))
 
     assert outcome.status == "answered" and outcome.text == REPLY and outcome.method == "openai"
     assert [kind for kind, *_ in sink.calls].count("post") == 1 and sink.messages == [REPLY]  # one message
@@ -60,7 +61,7 @@ async def test_a_worker_killed_mid_reply_is_replaced_and_the_user_sees_one_whole
     client = redis_server.client()
     assert client.llen("pioneer") == 0 and client.hlen("unacked") == 0  # nothing left to redeliver again
     survivor = next(name for name in workers if name != holder)
-    assert codes[survivor] == 0 and "Traceback" not in workers[survivor].log()
+    check_clean_exit([workers[survivor]], [codes[survivor]])
 
 
 def busy_worker(app) -> str | None:
