@@ -151,35 +151,34 @@ async def test_real_workers_answer_every_mode_and_share_the_cache(tmp_path, tiny
     workers = [start_worker(worker_env, f"w{i}@test") for i in range(2)]
     try:
         wait_for_workers(redis_url, 2)
-        async with FakeOpenAI() as fake:
-            settings = make_settings(tmp_path, tiny_model_dir, redis_url=redis_url, database_url=postgres_url)
-            service = await build_service(settings)
-            try:
-                local, sink = await ask(service, "good morning")
-                assert local.status == "answered" and local.method == "local"
-                assert len(sink.calls) >= 2  # posted, then edited as chunks arrived
+        settings = make_settings(tmp_path, tiny_model_dir, redis_url=redis_url, database_url=postgres_url)
+        service = await build_service(settings)
+        try:
+            local, sink = await ask(service, "good morning")
+            assert local.status == "answered" and local.method == "local"
+            assert len(sink.calls) >= 2  # posted, then edited as chunks arrived
 
-                # The same prompt again, answered by whichever worker: the Redis cache makes it a hit.
-                cache = redis.Redis.from_url(redis_url)
-                hits_before = int(cache.hget("pioneer:cache:default:stats", "hits") or 0)
-                texts = []
-                for i in range(4):  # new users: the same prompt (a user's own history would change it)
-                    again, _ = await ask(service, "good morning", user=f"u-cache-{i}")
-                    texts.append(again.text)
-                # The reply is cached once it has been streamed, so at least the last three are hits, whichever
-                # worker took them, and they are the cached text.
-                assert int(cache.hget("pioneer:cache:default:stats", "hits") or 0) >= hits_before + 3
-                assert texts[1] == texts[2] == texts[3]
+            # The same prompt again, answered by whichever worker: the Redis cache makes it a hit.
+            cache = redis.Redis.from_url(redis_url)
+            hits_before = int(cache.hget("pioneer:cache:default:stats", "hits") or 0)
+            texts = []
+            for i in range(4):  # new users: the same prompt (a user's own history would change it)
+                again, _ = await ask(service, "good morning", user=f"u-cache-{i}")
+                texts.append(again.text)
+            # The reply is cached once it has been streamed, so at least the last three are hits, whichever
+            # worker took them, and they are the cached text.
+            assert int(cache.hget("pioneer:cache:default:stats", "hits") or 0) >= hits_before + 3
+            assert texts[1] == texts[2] == texts[3]
 
-                service.core.mode = "openai"  # workers have no OpenAI settings: a clear message, nothing lost
-                failed, _ = await ask(service, "hello")
-                assert failed.status == "failed" and "not configured" in failed.text
-                info = await service.core.info_dict()
-                assert info["workers online"] == 2 and info["model"] == "tiny"
-                stored = await service.memory.history(PLACE, "u1")
-                assert [m.role for m in stored] == ["user", "assistant", "user"]
-            finally:
-                await service.close()
+            service.core.mode = "openai"  # workers have no OpenAI settings: a clear message, nothing lost
+            failed, _ = await ask(service, "hello")
+            assert failed.status == "failed" and "not configured" in failed.text
+            info = await service.core.info_dict()
+            assert info["workers online"] == 2 and info["model"] == "tiny"
+            stored = await service.memory.history(PLACE, "u1")
+            assert [m.role for m in stored] == ["user", "assistant", "user"]
+        finally:
+            await service.close()
     finally:
         logs = [stop(w) for w in workers]
     assert all("Traceback" not in log for log in logs), logs
