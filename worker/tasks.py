@@ -1,6 +1,8 @@
 """The Celery task that answers one chat message into its reply stream."""
 
 import asyncio
+import contextlib
+import faulthandler
 import logging
 import sys
 
@@ -13,6 +15,7 @@ from .streams import make_stream_bus
 
 log = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.0001
+STUCK_SHUTDOWN_S = 90.0  # then a warm shutdown is likely stuck (docker-compose.yml kills at 120 s)
 
 
 class WorkerRuntime:
@@ -104,6 +107,9 @@ def _load_model(sender=None, **_):
 def _leaving(**_):
     # Runs inside the SIGTERM handler: only flag and schedule here; Celery then finishes the tasks in progress.
     log.info("warm shutdown: finishing the tasks in progress, taking no new ones")
+    # If it is still running then, every thread's stack goes to the log (written from C: works even when stuck).
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no stderr (a daemonised worker)
+        faulthandler.dump_traceback_later(STUCK_SHUTDOWN_S, file=sys.__stderr__)
     if _runtime is not None:
         _runtime.stop_announcing()
 
@@ -112,6 +118,8 @@ def _leaving(**_):
 def _withdraw(**_):
     """After the last task: leave the registry of online workers and stop serving /metrics."""
     from .registry import withdraw
+
+    faulthandler.cancel_dump_traceback_later()
 
     if _runtime is not None and get_worker_settings().redis_url:
         _runtime.stop_announcing()
