@@ -8,6 +8,7 @@ from typing import Awaitable, Callable
 from pioneer_model.checkpoint import load_tokenizer
 
 from .core import ConversationCore
+from .deliveries import Deliveries
 from .memory import Memory
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ class Service:
     bus: object
     broker_ping: Callable[[], Awaitable[bool]] = _embedded_broker
     ops: object = None  # the /metrics and /healthz server, when METRICS_PORT is set
+    redis: object = None  # the front-end's own Redis client (worker registry, deliveries, health), when on Redis
 
     async def drain(self, timeout_s: float = 20.0) -> bool:
         """On shutdown: refuse new messages and wait for the replies in progress (and their edits) to finish.
@@ -39,6 +41,8 @@ class Service:
         close = getattr(self.bus, "close", None)
         if close:
             close()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def approximate_tokens(text: str) -> int:
@@ -82,10 +86,10 @@ async def build_service(settings, orchestrator=None) -> Service:
 
     budget = settings.history_token_budget or max(64, positions - settings.max_new_tokens)
     core = ConversationCore(settings, memory, dispatcher, bus, count_tokens, history_budget=budget,
-                            info_source=info_source)
+                            info_source=info_source, deliveries=Deliveries(None if settings.embedded else client))
     service = Service(core, memory, dispatcher, bus)
     if not settings.embedded:
-        service.broker_ping = client.ping
+        service.broker_ping, service.redis = client.ping, client
     if settings.metrics_port:
         from .ops import start_ops_server
 

@@ -13,6 +13,7 @@ from worker.orchestrator import MODES
 from worker.streams import ReplyAssembler, StreamTimeout
 
 from . import ops
+from .deliveries import Deliveries
 from .edits import ReplyStreamer
 from .memory import Memory, Place, UnknownRequest
 from .recovery import LocatedSink, Resume, locate, recover_replies
@@ -126,7 +127,7 @@ class ConversationCore:
     """Owns memory, trimming, enqueueing, relaying and the edit schedule; front-ends only do platform I/O."""
 
     def __init__(self, settings, memory: Memory, dispatcher, bus, count_tokens, *, history_budget: int,
-                 info_source=None):
+                 info_source=None, deliveries: Deliveries | None = None):
         self.settings = settings
         self.memory, self.dispatcher, self.bus = memory, dispatcher, bus
         self.count_tokens = count_tokens
@@ -134,6 +135,7 @@ class ConversationCore:
         self.mode = settings.attention_mode
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.info_source = info_source
+        self.deliveries = deliveries or Deliveries()
         self.answered: dict[str, int] = defaultdict(int)
         self.latencies_ms: deque = deque(maxlen=1000)
         self.draining = False

@@ -130,11 +130,14 @@ async def post_event(
     timestamp: float | None = None,
     forge: bool = False,
     retry_num: int | None = None,
+    event_id: str | None = None,
 ) -> SlackReply:
-    """Send an Events API callback wrapping `event` to a bolt app, signed like Slack signs it."""
+    """Send an Events API callback wrapping `event` to a bolt app, signed like Slack signs it (a redelivery keeps
+    the first delivery's event_id, and says which retry it is in retry_num)."""
     envelope = {
         "token": "legacy-verification-token", "team_id": team_id, "api_app_id": "A1", "event": event,
-        "type": "event_callback", "event_id": "Ev" + secrets.token_hex(6).upper(), "event_time": int(time.time()),
+        "type": "event_callback", "event_id": event_id or "Ev" + secrets.token_hex(6).upper(),
+        "event_time": int(time.time()),
         "authorizations": [
             {"team_id": team_id, "user_id": bot_user_id, "is_bot": True, "is_enterprise_install": False}
         ],

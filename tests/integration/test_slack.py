@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import statistics
 import time
+import uuid
 from dataclasses import dataclass
 
 from bots.app import Service, build_service
@@ -210,6 +211,38 @@ async def test_where_it_answers_dm_thread_and_ask(tmp_path, tiny_model_dir):
         assert answer["text"].startswith(">what is &lt;!channel> attention?\n") and MARKER not in answer["text"]
 
 
+async def test_a_redelivered_event_or_replayed_command_is_answered_once(tmp_path, tiny_model_dir):
+    async with running_app(tmp_path, tiny_model_dir, reply=QUICK) as world:
+        fake, memory = world.fake, world.service.memory
+        asked = fake.record_user_message("C1", f"<@{fake.bot_user_id}> only once please")
+        event = {"type": "app_mention", "user": "U1", "text": asked["text"], "ts": asked["ts"], "channel": "C1",
+                 "event_ts": asked["ts"]}
+        replies = [await fake.post_event(world.url, SECRET, event, event_id="EvONCE1")]
+        thread, channel = Place("slack", "T1", "C1", asked["ts"]), Place("slack", "T1", "C2", "")
+        await world.finished(thread, "U1")
+        # Slack's retries of that delivery (its ack was late, say) and a replay within the signature window: acked
+        # at once, and nothing else happens.
+        replies += [await fake.post_event(world.url, SECRET, event, event_id="EvONCE1", retry_num=n) for n in (1, 2)]
+        replies.append(await fake.post_event(world.url, SECRET, event, event_id="EvONCE1"))
+        replies += [await fake.post_slash_command(world.url, SECRET, "/ask", "once more", "U1", "C2",
+                                                  trigger_id="1700000000.once") for _ in range(2)]
+        # New deliveries after them in the same places; a place's messages are answered in order, so once these
+        # are answered a wrongly accepted repeat would have been too.
+        await world.mention("C1", "a new question", thread_ts=asked["ts"])
+        await world.command("/ask", "a new command", channel="C2")
+
+        async def user_messages(place):
+            history = await memory.history(place, "U1")
+            answered = history and history[-1].role == "assistant" and "new" in history[-2].content
+            return [m.content for m in history if m.role == "user"] if answered else None
+
+        assert await eventually(lambda: user_messages(thread), timeout=20) == ["only once please", "a new question"]
+        assert await eventually(lambda: user_messages(channel), timeout=20) == ["once more", "a new command"]
+        assert all(reply.status == 200 and not reply.too_slow for reply in replies)
+        assert len(world.replies("C1", asked["ts"])) == 2 and len(world.replies("C2")) == 2
+        assert world.openai.chat_calls == 4
+
+
 async def test_info_is_for_admins_and_ephemeral(tmp_path, tiny_model_dir):
     async with running_app(tmp_path, tiny_model_dir, admin_user_ids=["UADMIN"]) as world:
         for user in ("U2", "UADMIN", "UOWNER"):
@@ -299,7 +332,11 @@ async def test_pioneer_slack_and_a_worker_as_processes_on_redis_and_postgres(red
             forged = await post_event(world.url, SECRET, {"type": "app_mention", "user": "U1", "text": "<@UBOT> hi",
                                                           "ts": "1700000000.000100", "channel": "C1"}, forge=True)
             assert forged.status == 401
-            asked = await world.mention("C1", "good morning")
+            asked = fake.record_user_message("C1", f"<@{fake.bot_user_id}> good morning")
+            event = {"type": "app_mention", "user": "U1", "text": asked["text"], "ts": asked["ts"], "channel": "C1",
+                     "event_ts": asked["ts"]}
+            event_id = f"Ev{uuid.uuid4().hex[:12].upper()}"  # new each run: Redis keeps delivery ids for an hour
+            assert (await fake.post_event(world.url, SECRET, event, event_id=event_id)).status == 200
             async with Memory(postgres_url) as memory:
                 history = await eventually(lambda: answered(memory, Place("slack", "T1", "C1", asked["ts"]), "U1"),
                                            timeout=30)
@@ -311,6 +348,17 @@ async def test_pioneer_slack_and_a_worker_as_processes_on_redis_and_postgres(red
             assert reply["text"] == neutralise(shown(history[-1])) and history[-1].method == "local"
             assert MARKER not in reply["text"] and len(reply["edits"]) >= 1 and fake.rate_limited_count == 0
             report("processes", world, [asked])
+
+            # Slack redelivers the event: acked, and answered no more (the delivery is recorded in Redis); the next
+            # message in the thread, answered after it, is the only other one.
+            retried = await fake.post_event(world.url, SECRET, event, event_id=event_id, retry_num=1)
+            assert retried.status == 200 and not retried.too_slow
+            await world.mention("C1", "and a new question", thread_ts=asked["ts"])
+            async with Memory(postgres_url) as memory:
+                history = await eventually(lambda: answered(memory, Place("slack", "T1", "C1", asked["ts"]), "U1", 2),
+                                           timeout=30)
+            assert [m.content for m in history if m.role == "user"] == ["good morning", "and a new question"]
+            assert len(world.replies("C1", asked["ts"])) == 2
         finally:
             front_log = await asyncio.to_thread(stop, front)
             worker_log = await asyncio.to_thread(stop, worker)
@@ -328,6 +376,6 @@ async def listening(port: int) -> bool:
     return True
 
 
-async def answered(memory: Memory, place: Place, user_id: str):
+async def answered(memory: Memory, place: Place, user_id: str, answers: int = 1):
     history = await memory.history(place, user_id)
-    return history if any(m.role == "assistant" for m in history) else None
+    return history if sum(m.role == "assistant" for m in history) >= answers else None
