@@ -9,6 +9,7 @@ from pioneer_model.checkpoint import load_tokenizer
 
 from .core import ConversationCore
 from .deliveries import Deliveries
+from .rate_limit import RedisRateLimiter
 from .memory import Memory
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ async def build_service(settings, orchestrator=None) -> Service:
             return workers[0] if workers else {}
 
     budget = settings.history_token_budget or max(64, positions - settings.max_new_tokens)
+    shared = {} if settings.embedded else {  # with other front-ends on the same Redis
+        "deliveries": Deliveries(client), "limiter": RedisRateLimiter(client, settings.rate_limit_per_minute)}
     core = ConversationCore(settings, memory, dispatcher, bus, count_tokens, history_budget=budget,
-                            info_source=info_source, deliveries=Deliveries(None if settings.embedded else client))
+                            info_source=info_source, **shared)
     service = Service(core, memory, dispatcher, bus)
     if not settings.embedded:
         service.broker_ping, service.redis = client.ping, client

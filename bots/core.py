@@ -16,6 +16,7 @@ from . import ops
 from .deliveries import Deliveries
 from .edits import ReplyStreamer
 from .memory import Memory, Place, UnknownRequest
+from .rate_limit import RateLimiter
 from .recovery import LocatedSink, Resume, locate, recover_replies
 from .trimming import trim_history
 
@@ -105,35 +106,17 @@ def limit_combining_marks(text: str, keep: int = 3) -> str:
     return "".join(out)
 
 
-class RateLimiter:
-    """Per-user sliding window of RATE_LIMIT_PER_MINUTE messages."""
-
-    def __init__(self, per_minute: int, clock=time.monotonic):
-        self.per_minute, self.clock = per_minute, clock
-        self._seen: dict[str, deque] = defaultdict(deque)
-
-    def allow(self, key: str) -> float:
-        """0 when allowed (and counted); otherwise seconds until the next message is allowed."""
-        now, seen = self.clock(), self._seen[key]
-        while seen and now - seen[0] >= 60:
-            seen.popleft()
-        if len(seen) >= self.per_minute:
-            return 60 - (now - seen[0])
-        seen.append(now)
-        return 0.0
-
-
 class ConversationCore:
     """Owns memory, trimming, enqueueing, relaying and the edit schedule; front-ends only do platform I/O."""
 
     def __init__(self, settings, memory: Memory, dispatcher, bus, count_tokens, *, history_budget: int,
-                 info_source=None, deliveries: Deliveries | None = None):
+                 info_source=None, deliveries: Deliveries | None = None, limiter: RateLimiter | None = None):
         self.settings = settings
         self.memory, self.dispatcher, self.bus = memory, dispatcher, bus
         self.count_tokens = count_tokens
         self.history_budget = history_budget
         self.mode = settings.attention_mode
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.limiter = limiter or RateLimiter(settings.rate_limit_per_minute)
         self.info_source = info_source
         self.deliveries = deliveries or Deliveries()
         self.answered: dict[str, int] = defaultdict(int)
@@ -181,7 +164,7 @@ class ConversationCore:
         except InputRejected as reason:
             await sink.post(str(reason))
             return Outcome(None, "refused", str(reason))
-        wait = self.limiter.allow(f"{incoming.place.platform}:{incoming.user_id}")
+        wait = await self.limiter.allow(f"{incoming.place.platform}:{incoming.user_id}")
         if wait:
             message = f"You're sending messages faster than I can answer. Please wait {int(wait) + 1} s."
             await sink.post(message)

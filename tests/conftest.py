@@ -55,8 +55,9 @@ def worker_env(tmp_path, tiny_model_dir, redis_url):
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(match="pioneer:workers:*"):
         client.delete(key)
-    for key in client.scan_iter(match="pioneer:cache:*"):
-        client.delete(key)
+    for pattern in ("pioneer:cache:*", "pioneer:ratelimit:*"):  # a test's users start with a fresh rate limit
+        for key in client.scan_iter(match=pattern):
+            client.delete(key)
     client.delete("pioneer")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ATTENTION_", "DATABASE_"))}
     env |= {"REDIS_URL": redis_url, "MODEL_PATH": str(tiny_model_dir), "PIONEER_DATA_DIR": str(tmp_path),

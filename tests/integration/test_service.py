@@ -177,6 +177,18 @@ async def test_real_workers_answer_every_mode_and_share_the_cache(tmp_path, tiny
             assert info["workers online"] == 2 and info["model"] == "tiny"
             stored = await service.memory.history(PLACE, "u1")
             assert [m.role for m in stored] == ["user", "assistant", "user"]
+
+            # Two more front-ends on the same Redis share each user's rate limit (2 a minute here).
+            limited = [await build_service(make_settings(tmp_path, tiny_model_dir, redis_url=redis_url,
+                                                         database_url=postgres_url, rate_limit_per_minute=2))
+                       for _ in range(2)]
+            try:
+                outcomes = [(await ask(limited[n % 2], f"message {n}", user="u-limited"))[0] for n in range(3)]
+                assert [o.status for o in outcomes] == ["answered", "answered", "refused"]
+                assert "faster than I can answer" in outcomes[2].text
+            finally:
+                for front_end in limited:
+                    await front_end.close()
         finally:
             await service.close()
     finally:
