@@ -9,8 +9,8 @@ from pioneer_model.checkpoint import load_tokenizer
 
 from .core import ConversationCore
 from .deliveries import Deliveries
-from .rate_limit import RedisRateLimiter
 from .memory import Memory
+from .rate_limit import RedisRateLimiter
 
 log = logging.getLogger(__name__)
 

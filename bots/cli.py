@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import faulthandler
 import signal
 import sys
 
@@ -138,6 +139,7 @@ def main(argv=None) -> None:
     settings = _settings()
     quiet = args.command == "chat" and "log_level" not in settings.model_fields_set
     setup_logging("WARNING" if quiet else settings.log_level, settings.log_format)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack (Celery's does too)
     args.func(args)
 
 

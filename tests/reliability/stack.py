@@ -61,8 +61,9 @@ class Process:
 
 def stop_all(processes: list[Process], timeout: float = 30) -> list[int]:
     """SIGTERM every process, then wait for each; returns their exit codes. One that does not exit in time gets a
-    SIGUSR1 (a worker logs every thread's stack on it, so its log shows where it hung) and is then killed. Async
-    tests call this in a thread: a fake server on their event loop must go on answering while workers finish."""
+    SIGUSR1 (every `pioneer` process then writes each thread's stack, so its log shows where it hung) and is then
+    killed. Async tests call this in a thread: a fake server on their event loop must go on answering while workers
+    finish."""
     running = [p for p in processes if p.running]
     for process in running:
         process.popen.send_signal(signal.SIGTERM)
